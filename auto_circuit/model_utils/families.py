@@ -1,0 +1,156 @@
+"""How a model family tells the patching engine where its graph lives.
+
+The engine (``auto_circuit.utils.patch_wrapper``) knows nothing about any model
+library. A *family* module (one per model family: the MicroModel, TransformerLens
+``HookedTransformer``, ...) describes, for a given model:
+
+- the graph: source and destination nodes;
+- ``SrcSite``s: a module whose forward output holds a contiguous block of sources, and
+  how to read them as ``[n_src, batch, seq, d_model]`` residual contributions;
+- ``DestSite``s: the module(s) where a destination's input is read, and how to add a
+  patch ``delta`` (``[batch, seq, (head,) d_model]``) there;
+- probes: modules whose outputs a destination needs to rebuild its input.
+
+Families register themselves with ``register_family``; ``family_for`` finds the one
+that accepts a model, or raises an error listing the supported families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Literal, Protocol
+
+import torch as t
+from torch import Tensor
+
+from auto_circuit.errors import CircuitError
+from auto_circuit.types import DestNode, SrcNode
+
+ReadSources = Callable[[Tensor], Tensor]
+"""Hooked module output -> ``[n_src, batch, seq, d_model]`` source contributions."""
+
+ApplyDelta = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
+"""(hooked tensor, delta, probe outputs of this forward) -> patched tensor."""
+
+
+@dataclass(frozen=True)
+class SrcSite:
+    """A module whose output holds the sources ``src_idxs`` (contiguous, topological)."""
+
+    module_name: str
+    hook_module: str
+    src_idxs: range
+    read: ReadSources
+
+
+@dataclass(frozen=True)
+class DestHook:
+    """One place where a destination's delta is applied.
+
+    ``where="input"`` adds to the first positional input of ``hook_module``;
+    ``where="output"`` replaces its output. ``apply=None`` means plain addition.
+    """
+
+    hook_module: str
+    where: Literal["input", "output"]
+    apply: ApplyDelta | None = None
+
+
+@dataclass(frozen=True)
+class DestSite:
+    """A module whose destination nodes share one mask ``[(head,) n_in]``."""
+
+    module_name: str
+    hooks: tuple[DestHook, ...]
+    n_heads: int | None
+    in_srcs: range
+
+
+@dataclass(frozen=True)
+class FamilyGraph:
+    """Everything the engine needs to patch one model."""
+
+    srcs: set[SrcNode]
+    dests: set[DestNode]
+    src_sites: list[SrcSite]
+    dest_sites: list[DestSite]
+    probes: list[str]
+    is_transformer: bool
+    separate_qkv: bool | None
+
+
+class ModelFamily(Protocol):
+    """A model family: a name, a test for membership and a graph builder."""
+
+    name: str
+    description: str
+
+    def accepts(self, model: t.nn.Module) -> bool: ...
+
+    def build(
+        self, model: t.nn.Module, factorized: bool, separate_qkv: bool | None
+    ) -> FamilyGraph: ...
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+_BUILTIN_FAMILY_MODULES = (
+    "auto_circuit.model_utils.micro_model_utils",
+    "auto_circuit.model_utils.transformer_lens_utils",
+)
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a model family to the registry (a family module calls this on import)."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def registered_families() -> list[ModelFamily]:
+    for module in _BUILTIN_FAMILY_MODULES:
+        import_module(module)
+    return list(_FAMILIES.values())
+
+
+def family_for(model: t.nn.Module) -> ModelFamily:
+    """The family that accepts ``model``, or a CircuitError listing the supported ones."""
+    families = registered_families()
+    for family in families:
+        if family.accepts(model):
+            return family
+    supported = "\n".join(f"  - {f.name}: {f.description}" for f in families)
+    raise CircuitError(
+        f"Unsupported model type {type(model).__module__}.{type(model).__qualname__}. "
+        f"auto_circuit supports these model families:\n{supported}\n"
+        "Wrap your model as one of them, or add a family module that calls "
+        "auto_circuit.model_utils.families.register_family."
+    )
+
+
+def contiguous_range(idxs: list[int], what: str) -> range:
+    """``idxs`` as a range, or an error if they are not contiguous and increasing."""
+    if not idxs:
+        return range(0)
+    span = range(idxs[0], idxs[-1] + 1)
+    if list(span) != idxs:
+        raise CircuitError(f"{what}: source indices {idxs} are not contiguous.")
+    return span
+
+
+def in_edge(src: SrcNode, dest: DestNode, factorized: bool) -> bool:
+    """Whether ``src -> dest`` is an edge: any earlier layer (factorized graph), or only
+    the layer just before (unfactorized, node-level graph)."""
+    return src.layer < dest.layer if factorized else src.layer + 1 == dest.layer
+
+
+def dest_in_srcs(srcs: set[SrcNode], dest: DestNode, factorized: bool) -> range:
+    """The contiguous source indices feeding ``dest``; checks ``dest.min_src_idx``."""
+    idxs = sorted(s.src_idx for s in srcs if in_edge(s, dest, factorized))
+    span = contiguous_range(idxs, dest.name)
+    if idxs and span.start != dest.min_src_idx:
+        raise CircuitError(
+            f"DestNode {dest.name!r}: min_src_idx is {dest.min_src_idx} but its first "
+            f"input source has src_idx {span.start}."
+        )
+    return span

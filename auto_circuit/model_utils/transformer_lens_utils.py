@@ -1,0 +1,349 @@
+"""The graph of a TransformerLens ``HookedTransformer`` and where to patch it.
+
+Factorized (edge-level) graph:
+
+========================  ====  ==================================  ===============
+node                      kind  mask key / source name              layer
+========================  ====  ==================================  ===============
+``Resid Start``           src   ``blocks.0.hook_resid_pre``         0
+``A{l}.{h}``              src   ``blocks.{l}.attn.hook_result``     2l+1
+``MLP {l}``               src   ``blocks.{l}.hook_mlp_out``         2l+2 (2l+1 parallel)
+``A{l}.{h}.Q|K|V``        dest  ``blocks.{l}.hook_{q,k,v}_input``   2l+1
+``A{l}.{h}`` (no split)   dest  ``blocks.{l}.hook_attn_in``         2l+1
+``MLP {l}``               dest  ``blocks.{l}.hook_mlp_in``          2l+2 (2l+1 parallel)
+``Resid End``             dest  ``blocks.{L-1}.hook_resid_post``    2L+1
+========================  ====  ==================================  ===============
+
+No TransformerLens hook flag is needed (``use_attn_result``, ``use_split_qkv_input``
+stay off, so the model runs at full speed): head outputs are read as ``z`` at
+``hook_z`` and projected through ``W_O`` only when a mask needs them; a head's patched
+query/key/value input is rebuilt at ``hook_q``/``hook_k``/``hook_v`` from the block's
+``resid_pre`` plus that head's delta, through the block's own ``ln1``, only when one
+of its masks is non-zero. MLP inputs are patched before ``ln2``; ``Resid End`` at the
+last ``hook_resid_post`` (before ``ln_final``).
+
+The unfactorized (node-level) graph has the residual checkpoints as nodes: heads feed
+``Resid Mid {l}`` and MLPs feed ``Resid Post {l}``; patching there replaces a node's
+output for every later reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import count
+
+import torch as t
+from jaxtyping import Float
+from torch import Tensor
+
+from auto_circuit.errors import CircuitError
+from auto_circuit.model_utils.families import (
+    ApplyDelta,
+    DestHook,
+    DestSite,
+    FamilyGraph,
+    SrcSite,
+    contiguous_range,
+    dest_in_srcs,
+    register_family,
+)
+from auto_circuit.types import DestNode, SrcNode
+
+try:  # TransformerLens 3.x; 4.x removed HookedTransformer
+    from transformer_lens import HookedTransformer
+except ImportError:  # pragma: no cover - depends on the installed version
+    HookedTransformer = None  # type: ignore[assignment,misc]
+
+
+def _layers(model) -> tuple[int, bool, bool]:
+    cfg = model.cfg
+    return cfg.n_layers, bool(cfg.attn_only), bool(cfg.parallel_attn_mlp)
+
+
+def factorized_src_nodes(model) -> set[SrcNode]:
+    """Sources of the edge-level graph: embedding, every head, every MLP."""
+    n_layers, attn_only, parallel = _layers(model)
+    n_heads = model.cfg.n_heads
+    idxs = count()
+    nodes = {SrcNode("Resid Start", "blocks.0.hook_resid_pre", 0, src_idx=next(idxs))}
+    for block in range(n_layers):
+        for head in range(n_heads):
+            nodes.add(
+                SrcNode(
+                    name=f"A{block}.{head}",
+                    module_name=f"blocks.{block}.attn.hook_result",
+                    layer=2 * block + 1,
+                    head_idx=head,
+                    head_dim=2,
+                    weight=f"blocks.{block}.attn.W_O",
+                    weight_head_dim=0,
+                    src_idx=next(idxs),
+                )
+            )
+        if not attn_only:
+            layer = 2 * block + 1 if parallel else 2 * block + 2
+            nodes.add(
+                SrcNode(
+                    name=f"MLP {block}",
+                    module_name=f"blocks.{block}.hook_mlp_out",
+                    layer=layer,
+                    weight=f"blocks.{block}.mlp.W_out",
+                    src_idx=next(idxs),
+                )
+            )
+    return nodes
+
+
+def factorized_dest_nodes(model, separate_qkv: bool) -> set[DestNode]:
+    """Destinations of the edge-level graph: per-head Q/K/V (or attention) inputs, MLP
+    inputs and the final residual stream."""
+    n_layers, attn_only, parallel = _layers(model)
+    nodes = set()
+    for block in range(n_layers):
+        for head in range(model.cfg.n_heads):
+            if separate_qkv:
+                for letter in "qkv":
+                    nodes.add(
+                        DestNode(
+                            name=f"A{block}.{head}.{letter.upper()}",
+                            module_name=f"blocks.{block}.hook_{letter}_input",
+                            layer=2 * block + 1,
+                            head_idx=head,
+                            head_dim=2,
+                            weight=f"blocks.{block}.attn.W_{letter.upper()}",
+                            weight_head_dim=0,
+                        )
+                    )
+            else:
+                nodes.add(
+                    DestNode(
+                        name=f"A{block}.{head}",
+                        module_name=f"blocks.{block}.hook_attn_in",
+                        layer=2 * block + 1,
+                        head_idx=head,
+                        head_dim=2,
+                    )
+                )
+        if not attn_only:
+            nodes.add(
+                DestNode(
+                    name=f"MLP {block}",
+                    module_name=f"blocks.{block}.hook_mlp_in",
+                    layer=2 * block + 1 if parallel else 2 * block + 2,
+                    weight=f"blocks.{block}.mlp.W_in",
+                )
+            )
+    nodes.add(DestNode("Resid End", f"blocks.{n_layers - 1}.hook_resid_post", 2 * n_layers + 1))
+    return nodes
+
+
+def simple_graph_nodes(model) -> tuple[set[SrcNode], set[DestNode]]:
+    """Nodes of the unfactorized (node-level) graph over residual checkpoints.
+
+    Per block: ``Resid Pre`` (``Resid Start`` or the previous ``Resid Post``) and the
+    heads feed ``Resid Mid``; ``Resid Mid`` and the MLP feed ``Resid Post`` (the last
+    one is ``Resid End``). Attention-only blocks go straight to ``Resid Post``.
+    """
+    n_layers, attn_only, parallel = _layers(model)
+    if parallel:
+        raise CircuitError(
+            "The unfactorized graph is not defined for parallel attention+MLP models "
+            "(attention and MLP read the same residual, so there is no Resid Mid). "
+            "Use factorized=True."
+        )
+    srcs: set[SrcNode] = set()
+    dests: set[DestNode] = set()
+    idxs, layers = count(), count()
+    layer = next(layers)
+    for block in range(n_layers):
+        last = block == n_layers - 1
+        post_name = "Resid End" if last else f"Resid Post {block}"
+        min_idx = next(idxs)
+        srcs.add(
+            SrcNode(
+                name="Resid Start" if block == 0 else f"Resid Post {block - 1}",
+                module_name=f"blocks.{block}.hook_resid_pre"
+                if block == 0
+                else f"blocks.{block - 1}.hook_resid_post",
+                layer=layer,
+                src_idx=min_idx,
+            )
+        )
+        for head in range(model.cfg.n_heads):
+            srcs.add(
+                SrcNode(
+                    name=f"A{block}.{head}",
+                    module_name=f"blocks.{block}.attn.hook_result",
+                    layer=layer,
+                    head_idx=head,
+                    head_dim=2,
+                    src_idx=next(idxs),
+                )
+            )
+        layer = next(layers)
+        if attn_only:
+            dests.add(
+                DestNode(post_name, f"blocks.{block}.hook_resid_post", layer, min_src_idx=min_idx)
+            )
+            continue
+        dests.add(
+            DestNode(
+                f"Resid Mid {block}", f"blocks.{block}.hook_resid_mid", layer, min_src_idx=min_idx
+            )
+        )
+        mid_idx = next(idxs)
+        srcs.add(
+            SrcNode(f"Resid Mid {block}", f"blocks.{block}.hook_resid_mid", layer, src_idx=mid_idx)
+        )
+        srcs.add(SrcNode(f"MLP {block}", f"blocks.{block}.hook_mlp_out", layer, src_idx=next(idxs)))
+        layer = next(layers)
+        dests.add(
+            DestNode(post_name, f"blocks.{block}.hook_resid_post", layer, min_src_idx=mid_idx)
+        )
+    return srcs, dests
+
+
+def _check_supported(model) -> None:
+    cfg = model.cfg
+    problems = []
+    if getattr(cfg, "n_key_value_heads", None) is not None:
+        problems.append("grouped-query attention (n_key_value_heads is set)")
+    if cfg.positional_embedding_type == "shortformer":
+        problems.append("shortformer positional embeddings")
+    if getattr(cfg, "use_normalization_before_and_after", False):
+        problems.append("normalization before and after each sublayer")
+    if getattr(cfg, "load_in_4bit", False):
+        problems.append("4-bit weights")
+    if getattr(cfg, "use_qk_norm", False):
+        problems.append("QK normalization")
+    arch = getattr(cfg, "original_architecture", None) or ""
+    if arch.lower().startswith("olmo2") or arch.lower().startswith("olmo3"):
+        problems.append(f"post-norm architecture {arch}")
+    if problems:
+        raise CircuitError(
+            f"This HookedTransformer ({cfg.model_name}) uses {', '.join(problems)}, which "
+            "the TransformerLens family does not support: its edge patching assumes "
+            "pre-LayerNorm blocks reading the residual stream through ln1/ln2. "
+            "Supported: GPT-2 style, attention-only and parallel attention/MLP models."
+        )
+
+
+def _read_resid(x: Float[Tensor, "batch seq d"]) -> Float[Tensor, "1 batch seq d"]:
+    return x.unsqueeze(0)
+
+
+def _head_reader(attn: t.nn.Module):
+    def read(z: Float[Tensor, "batch seq head d_head"]) -> Float[Tensor, "head batch seq d"]:
+        return t.einsum("bshe,hed->hbsd", z, attn.W_O)
+
+    return read
+
+
+def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelta:
+    """Rebuild a head's q/k/v from ``ln1(resid_pre + delta_head)``, as the block would."""
+    attn, ln1 = block.attn, block.ln1
+    probe = f"blocks.{block_idx}.hook_resid_pre"
+
+    def apply(
+        hooked: Tensor, delta: Float[Tensor, "batch seq head d"], probes: Mapping[str, Tensor]
+    ) -> Float[Tensor, "batch seq head d_head"]:
+        resid = probes[probe]
+        weight = getattr(attn, f"W_{letter}")
+        bias = getattr(attn, f"b_{letter}")
+        normed = ln1(resid.unsqueeze(2) + delta)
+        return t.einsum("bshd,hde->bshe", normed, weight) + bias
+
+    return apply
+
+
+def _add(hooked: Tensor, delta: Tensor, probes: Mapping[str, Tensor]) -> Tensor:
+    return hooked + delta
+
+
+class TransformerLensFamily:
+    name = "transformer_lens"
+    description = (
+        "transformer_lens.HookedTransformer (TransformerLens 3.x): GPT-2 style, "
+        "attention-only and parallel attention/MLP models, separate_qkv True or False"
+    )
+
+    def accepts(self, model: t.nn.Module) -> bool:
+        return HookedTransformer is not None and isinstance(model, HookedTransformer)
+
+    def build(self, model: t.nn.Module, factorized: bool, separate_qkv: bool | None) -> FamilyGraph:
+        _check_supported(model)
+        if factorized and separate_qkv is None:
+            raise CircuitError(
+                "separate_qkv must be True or False for a transformer: True gives separate "
+                "Q, K and V destinations per head, False one attention input per head."
+            )
+        if factorized:
+            srcs = factorized_src_nodes(model)
+            dests = factorized_dest_nodes(model, bool(separate_qkv))
+        else:
+            srcs, dests = simple_graph_nodes(model)
+        return FamilyGraph(
+            srcs=srcs,
+            dests=dests,
+            src_sites=_src_sites(model, srcs),
+            dest_sites=_dest_sites(model, srcs, dests, factorized),
+            probes=[f"blocks.{b}.hook_resid_pre" for b in range(model.cfg.n_layers)],
+            is_transformer=True,
+            separate_qkv=separate_qkv if factorized else None,
+        )
+
+
+def _src_sites(model, srcs: set[SrcNode]) -> list[SrcSite]:
+    by_module: dict[str, list[int]] = {}
+    for src in sorted(srcs, key=lambda s: s.src_idx):
+        by_module.setdefault(src.module_name, []).append(src.src_idx)
+    sites = []
+    for name, idxs in by_module.items():
+        if name.endswith("attn.hook_result"):
+            attn_name = name.rsplit(".", 1)[0]
+            hook, read = f"{attn_name}.hook_z", _head_reader(model.get_submodule(attn_name))
+        else:
+            hook, read = name, _read_resid
+        sites.append(SrcSite(name, hook, contiguous_range(idxs, name), read))
+    return sites
+
+
+def _dest_sites(
+    model, srcs: set[SrcNode], dests: set[DestNode], factorized: bool
+) -> list[DestSite]:
+    by_module: dict[str, list[DestNode]] = {}
+    for dest in dests:
+        by_module.setdefault(dest.module_name, []).append(dest)
+    sites = []
+    for name, nodes in by_module.items():
+        block_idx = int(name.split(".")[1])
+        block = model.blocks[block_idx]
+        kind = name.rsplit(".", 1)[1]
+        if kind in ("hook_q_input", "hook_k_input", "hook_v_input"):
+            letter = kind[5].upper()
+            hooks: tuple[DestHook, ...] = (
+                DestHook(
+                    f"blocks.{block_idx}.attn.hook_{letter.lower()}",
+                    "output",
+                    _qkv_rebuilder(block, letter, block_idx),
+                ),
+            )
+        elif kind == "hook_attn_in":
+            hooks = tuple(
+                DestHook(
+                    f"blocks.{block_idx}.attn.hook_{letter.lower()}",
+                    "output",
+                    _qkv_rebuilder(block, letter, block_idx),
+                )
+                for letter in "QKV"
+            )
+        elif kind == "hook_mlp_in":
+            hooks = (DestHook(f"blocks.{block_idx}.ln2", "input", _add),)
+        else:  # residual checkpoints: hook_resid_post, hook_resid_mid
+            hooks = (DestHook(name, "output", _add),)
+        n_heads = len(nodes) if nodes[0].head_idx is not None else None
+        sites.append(DestSite(name, hooks, n_heads, dest_in_srcs(srcs, nodes[0], factorized)))
+    return sites
+
+
+register_family(TransformerLensFamily())
