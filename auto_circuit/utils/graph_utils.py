@@ -88,8 +88,9 @@ def patchable_model(
 def _check_same_device(model: PatchableModel, tensor: Tensor, what: str) -> None:
     if tensor.device != model.device:
         raise CircuitError(
-            f"{what} is on {tensor.device} but the masks are on {model.device}. Move it with "
-            f".to({str(model.device)!r}) or build the PatchableModel with device={str(tensor.device)!r}."
+            f"{what} is on {tensor.device} but the masks are on {model.device}. Move it "
+            f"with .to({str(model.device)!r}), or build the PatchableModel with "
+            f"device={str(tensor.device)!r}."
         )
 
 
@@ -149,6 +150,9 @@ def patch_mode(
             f"patch_src_outs must be [n_src={n_src}, batch, seq, d_model], got "
             f"{list(patch_src_outs.shape)}. Make it with src_ablations(model, ...)."
         )
+    _check_same_device(model, patch_src_outs, "patch_src_outs")
+    if curr_src_outs is not None:
+        _check_same_device(model, curr_src_outs, "curr_src_outs")
     state = model.engine.state
     previous = (state.patch_mode, state.patch_src_outs, state.curr_src_outs)
     with masks_saved(model):

@@ -298,13 +298,21 @@ class PatchEngine:
                 f"Source {site.module_name} did not run in this forward pass (e.g. the model "
                 "started at a later layer) and no curr_src_outs were given to patch_mode."
             )
-        if current.shape[1:] != patch.shape[1:]:
+        if not _broadcastable(patch.shape[1:], current.shape[1:]):
             raise CircuitError(
                 f"patch_src_outs has [batch, seq, d_model] = {list(patch.shape[1:])} but "
                 f"source {site.module_name} produced {list(current.shape[1:])} in this "
                 "forward. Compute the ablations on a batch of the same shape as the input "
-                "(mean ablations are repeated to the batch size)."
+                "(batch and seq of size 1 broadcast)."
             )
         delta = patch.to(current.dtype) - current
         state.src_deltas[i] = delta
         return delta
+
+
+def _broadcastable(patch_shape: t.Size, current_shape: t.Size) -> bool:
+    """Patch [batch, seq, d] fits the current output (batch and seq may be 1)."""
+    return len(patch_shape) == len(current_shape) and all(
+        p == c or (p == 1 and i < len(patch_shape) - 1)
+        for i, (p, c) in enumerate(zip(patch_shape, current_shape, strict=True))
+    )

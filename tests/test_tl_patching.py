@@ -1,0 +1,207 @@
+"""Edge patching in HookedTransformers against the same intervention written
+independently with TransformerLens' own hooks on an unwrapped copy of the model.
+
+The oracle turns on TransformerLens' per-head flags (``use_attn_result``,
+``use_split_qkv_input``/``use_attn_in``, ``use_hook_mlp_in``) and adds
+``source(corrupt) - source(clean)`` to the destination's input hook: a path that shares
+no code with the engine, which keeps those flags off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch as t
+from conftest import make_tl_model
+
+from auto_circuit.types import AblationType
+from auto_circuit.utils.ablation_activations import src_ablations
+from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks
+
+SEQ = 7
+
+
+def tokens(seed: int, batch: int = 3, d_vocab: int = 50) -> t.Tensor:
+    return t.randint(0, d_vocab, (batch, SEQ), generator=t.Generator().manual_seed(seed))
+
+
+CLEAN, CORRUPT = tokens(1), tokens(2)
+
+
+def oracle_edge_patch(
+    model_kwargs: dict, edge: str, seq_idx: int | None, separate_qkv: bool
+) -> t.Tensor:
+    """Clean run with one edge carrying its source's corrupt value, by plain hooks."""
+    oracle = make_tl_model(**model_kwargs)
+    oracle.set_use_attn_result(True)
+    if not oracle.cfg.attn_only:
+        oracle.set_use_hook_mlp_in(True)
+    if separate_qkv:
+        oracle.set_use_split_qkv_input(True)
+    else:
+        oracle.set_use_attn_in(True)
+    _, clean_cache = oracle.run_with_cache(CLEAN)
+    _, corrupt_cache = oracle.run_with_cache(CORRUPT)
+
+    def source(cache, name: str) -> t.Tensor:
+        if name == "Resid Start":
+            return cache["blocks.0.hook_resid_pre"]
+        if name.startswith("MLP"):
+            return cache[f"blocks.{int(name.split()[1])}.hook_mlp_out"]
+        layer, head = map(int, name[1:].split("."))
+        return cache[f"blocks.{layer}.attn.hook_result"][:, :, head]
+
+    src, dest = edge.split("->")
+    diff = source(corrupt_cache, src) - source(clean_cache, src)
+    if seq_idx is not None:
+        only_here = t.zeros(SEQ, 1)
+        only_here[seq_idx] = 1.0
+        diff = diff * only_here
+
+    if dest == "Resid End":
+        hook_name, head = f"blocks.{oracle.cfg.n_layers - 1}.hook_resid_post", None
+    elif dest.startswith("MLP"):
+        hook_name, head = f"blocks.{int(dest.split()[1])}.hook_mlp_in", None
+    else:
+        parts = dest[1:].split(".")
+        kind = f"{parts[2].lower()}_input" if len(parts) == 3 else "attn_in"
+        hook_name, head = f"blocks.{parts[0]}.hook_{kind}", int(parts[1])
+
+    def add_diff(x: t.Tensor, hook) -> t.Tensor:
+        x = x.clone()
+        if head is None:
+            x += diff
+        else:
+            x[:, :, head] += diff
+        return x
+
+    return oracle.run_with_hooks(CLEAN, fwd_hooks=[(hook_name, add_diff)])
+
+
+def engine_edge_patch(model_kwargs: dict, edge: str, seq_idx, separate_qkv: bool) -> t.Tensor:
+    seq_len = None if seq_idx is None else SEQ
+    pm = patchable_model(
+        make_tl_model(**model_kwargs), True, seq_len=seq_len, separate_qkv=separate_qkv
+    )
+    with patch_mode(pm, src_ablations(pm, CORRUPT), edges=[pm.edge(edge, seq_idx)]):
+        return pm(CLEAN)
+
+
+EDGES_QKV = [
+    "A0.1->A2.3.K",
+    "MLP 0->A1.2.Q",
+    "Resid Start->A1.0.V",
+    "A1.3->MLP 2",
+    "MLP 1->Resid End",
+    "A0.0->Resid End",
+    "Resid Start->MLP 0",
+    "A1.1->A2.1.Q",
+]
+EDGES_COMBINED = ["A0.1->A2.3", "MLP 0->A1.2", "Resid Start->A1.0", "A1.3->MLP 2"]
+
+
+@pytest.mark.parametrize("seq_idx", [None, 4])
+@pytest.mark.parametrize("edge", EDGES_QKV)
+def test_single_edge_separate_qkv(edge, seq_idx):
+    got = engine_edge_patch({}, edge, seq_idx, separate_qkv=True)
+    expected = oracle_edge_patch({}, edge, seq_idx, separate_qkv=True)
+    clean = make_tl_model()(CLEAN)
+    assert (expected - clean).abs().max() > 1e-4, "the patch must change the output"
+    t.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seq_idx", [None, 6])
+@pytest.mark.parametrize("edge", EDGES_COMBINED)
+def test_single_edge_combined_qkv(edge, seq_idx):
+    got = engine_edge_patch({}, edge, seq_idx, separate_qkv=False)
+    expected = oracle_edge_patch({}, edge, seq_idx, separate_qkv=False)
+    assert (expected - make_tl_model()(CLEAN)).abs().max() > 1e-4
+    t.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "model_kwargs, edge",
+    [
+        ({"attn_only": True}, "A0.2->A1.1.K"),
+        ({"attn_only": True}, "A1.3->Resid End"),
+        ({"parallel_attn_mlp": True}, "A0.2->MLP 1"),
+        ({"parallel_attn_mlp": True}, "MLP 0->A1.1.V"),
+        ({"positional_embedding_type": "rotary", "rotary_dim": 4}, "A0.3->A1.0.Q"),
+        ({"normalization_type": "RMS"}, "MLP 0->A2.2.K"),
+    ],
+)
+def test_single_edge_other_architectures(model_kwargs, edge):
+    got = engine_edge_patch(model_kwargs, edge, None, separate_qkv=True)
+    expected = oracle_edge_patch(model_kwargs, edge, None, separate_qkv=True)
+    assert (expected - make_tl_model(**model_kwargs)(CLEAN)).abs().max() > 1e-4
+    t.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "factorized, separate_qkv, seq_len",
+    [(True, True, None), (True, False, None), (True, True, SEQ), (False, None, None)],
+)
+def test_all_masks_zero_is_clean_and_one_is_corrupt(factorized, separate_qkv, seq_len):
+    model = make_tl_model()
+    clean_out, corrupt_out = model(CLEAN), model(CORRUPT)
+    pm = patchable_model(model, factorized, seq_len=seq_len, separate_qkv=separate_qkv)
+    with patch_mode(pm, src_ablations(pm, CORRUPT)):
+        assert t.equal(pm(CLEAN), clean_out)
+        set_all_masks(pm, 1.0)
+        t.testing.assert_close(pm(CLEAN), corrupt_out, atol=1e-5, rtol=1e-4)
+    assert t.equal(pm(CLEAN), clean_out), "outside patch mode the model is unchanged"
+
+
+@pytest.mark.parametrize("node", ["A0.2", "A1.0", "MLP 0", "MLP 1"])
+def test_factorized_outgoing_edges_equal_unfactorized_node_patch(node):
+    edge_pm = patchable_model(make_tl_model(), True, separate_qkv=True)
+    outgoing = [e for e in edge_pm.edges if e.src.name == node]
+    with patch_mode(edge_pm, src_ablations(edge_pm, CORRUPT), edges=outgoing):
+        by_edges = edge_pm(CLEAN)
+    node_pm = patchable_model(make_tl_model(), False)
+    (node_edge,) = [e for e in node_pm.edges if e.src.name == node]
+    with patch_mode(node_pm, src_ablations(node_pm, CORRUPT), edges=[node_edge]):
+        by_node = node_pm(CLEAN)
+    assert (by_node - make_tl_model()(CLEAN)).abs().max() > 1e-4
+    t.testing.assert_close(by_edges, by_node, atol=1e-5, rtol=1e-4)
+
+
+def test_zero_ablation_of_a_head_matches_zeroing_its_output():
+    model_kwargs: dict = {}
+    pm = patchable_model(make_tl_model(), True, separate_qkv=True)
+    outgoing = [e for e in pm.edges if e.src.name == "A1.2"]
+    with patch_mode(pm, src_ablations(pm, CLEAN, AblationType.ZERO), edges=outgoing):
+        got = pm(CLEAN)
+    oracle = make_tl_model(**model_kwargs)
+
+    def zero_head(z: t.Tensor, hook) -> t.Tensor:
+        z = z.clone()
+        z[:, :, 2] = 0.0
+        return z
+
+    expected = oracle.run_with_hooks(CLEAN, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])
+    t.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_mask_gradient_matches_finite_difference():
+    pm = patchable_model(make_tl_model(), True, separate_qkv=True)
+    mask = pm.patch_masks["blocks.2.hook_k_input"]
+    idx = pm.edge("A0.1->A2.3.K").patch_idx
+    patch = src_ablations(pm, CORRUPT)
+
+    def metric() -> t.Tensor:
+        return pm(CLEAN)[:, -1, 7].sum()
+
+    with patch_mode(pm, patch):
+        mask.requires_grad_(True)
+        metric().backward()
+        mask.requires_grad_(False)
+        assert mask.grad is not None
+        grad = mask.grad[idx].item()
+        mask.grad = None
+        eps = 1e-2
+        mask.data[idx] = eps
+        up = metric().item()
+        mask.data[idx] = -eps
+        down = metric().item()
+    assert abs(grad) > 1e-4
+    assert grad == pytest.approx((up - down) / (2 * eps), rel=1e-2, abs=1e-4)
