@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch as t
 from torch import Tensor
 
 from auto_circuit.errors import CircuitError
 
-MaskFn = Optional[Literal["hard_concrete", "sigmoid"]]
+MaskFn = Literal["hard_concrete", "sigmoid"] | None
 """How raw mask parameters become mask values in the forward pass."""
 
 PruneScores = dict[str, Tensor]
