@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from itertools import count
+from typing import Any
 
 import torch as t
 from jaxtyping import Float
@@ -241,7 +242,8 @@ def _head_reader(attn: t.nn.Module):
 
 def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelta:
     """Rebuild a head's q/k/v from ``ln1(resid_pre + delta_head)``, as the block would."""
-    attn, ln1 = block.attn, block.ln1
+    attn: Any = block.attn
+    ln1: Any = block.ln1
     probe = f"blocks.{block_idx}.hook_resid_pre"
 
     def apply(
@@ -287,7 +289,7 @@ class TransformerLensFamily:
             dests=dests,
             src_sites=_src_sites(model, srcs),
             dest_sites=_dest_sites(model, srcs, dests, factorized),
-            probes=[f"blocks.{b}.hook_resid_pre" for b in range(model.cfg.n_layers)],
+            probes=[f"blocks.{b}.hook_resid_pre" for b in range(_layers(model)[0])],
             is_transformer=True,
             separate_qkv=separate_qkv if factorized else None,
         )

@@ -44,7 +44,8 @@ class PatchableModel(t.nn.Module):
         self.engine = engine
         self.srcs: set[SrcNode] = set(graph.srcs)
         self.dests: set[DestNode] = set(graph.dests)
-        self.nodes: set[Node] = set(graph.srcs) | set(graph.dests)
+        self.nodes: set[Node] = set()
+        self.nodes.update(graph.srcs, graph.dests)
         self.seq_dim = 1
         self.seq_len = seq_len
         self.out_slice = out_slice
