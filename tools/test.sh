@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a virtual environment from the lock, lint, type-check and run the tests.
+# Usage: bash tools/test.sh [pytest args, e.g. --runslow]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+pip install -q -c constraints.txt torch==2.13.0
+pip install -q -c constraints.txt -e ".[dev]"
+ruff check auto_circuit tests benchmarks tools
+ruff format --check auto_circuit tests benchmarks tools
+pyright auto_circuit
+python -m pytest -q "$@"
