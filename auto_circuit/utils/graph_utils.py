@@ -15,9 +15,10 @@ from torch import Tensor
 
 from auto_circuit.errors import CircuitError
 from auto_circuit.model_utils.families import family_for
-from auto_circuit.types import DestNode, Edge, MaskFn, PruneScores, SrcNode
+from auto_circuit.types import DestNode, Edge, EdgeCounts, MaskFn, PruneScores, SrcNode, TestEdges
 from auto_circuit.utils.patch_wrapper import PatchEngine
 from auto_circuit.utils.patchable_model import PatchableModel
+from auto_circuit.utils.tensor_ops import flat_prune_scores
 
 _PATCHABLE_FLAG = "_auto_circuit_patchable"
 
@@ -222,3 +223,63 @@ def set_mask_batch_size(model: PatchableModel, batch_size: int | None) -> Iterat
         yield
     finally:
         model.patch_masks.update(originals)
+
+
+def edge_counts_util(
+    edges: int | Collection[Edge],
+    test_counts: TestEdges | None = None,
+    prune_scores: PruneScores | None = None,
+    zero_edges: bool | None = None,
+    all_edges: bool | None = None,
+    true_edge_count: int | None = None,
+) -> list[int]:
+    """The circuit sizes to evaluate, ascending.
+
+    Args:
+        edges: the edges of the graph (or their number).
+        test_counts: ``EdgeCounts.ALL`` (every size), ``LOGARITHMIC`` (1-9, 10-90,
+            100-900, ...), ``GROUPS`` (cumulative sizes of groups of tied scores, needs
+            ``prune_scores``), or explicit counts (ints) or fractions of all edges
+            (floats in [0, 1]). Default: GROUPS when the scores take fewer than
+            min(n/2, 100) distinct values, else LOGARITHMIC above 200 edges, else ALL.
+        zero_edges, all_edges: include 0 and all edges (default: yes, except for
+            explicit counts); ``true_edge_count``: also include this size.
+    """
+    n = edges if isinstance(edges, int) else len(edges)
+    explicit = isinstance(test_counts, list)
+    if test_counts is None:
+        distinct = None if prune_scores is None else flat_prune_scores(prune_scores).abs().unique()
+        if distinct is not None and len(distinct) < min(n / 2, 100):
+            test_counts = EdgeCounts.GROUPS
+        else:
+            test_counts = EdgeCounts.LOGARITHMIC if n > 200 else EdgeCounts.ALL
+    counts: set[int]
+    if test_counts == EdgeCounts.ALL:
+        counts = set(range(n + 1))
+    elif test_counts == EdgeCounts.LOGARITHMIC:
+        counts = {m * 10**e for e in range(len(str(n))) for m in range(1, 10) if m * 10**e < n}
+    elif test_counts == EdgeCounts.GROUPS:
+        if prune_scores is None:
+            raise CircuitError("EdgeCounts.GROUPS needs prune_scores.")
+        _, group_sizes = flat_prune_scores(prune_scores).abs().unique(return_counts=True)
+        counts = {int(c) for c in group_sizes.flip(0).cumsum(0)}
+    elif isinstance(test_counts, list):
+        counts = set()
+        for count in test_counts:
+            if isinstance(count, float) and 0.0 <= count <= 1.0:
+                counts.add(int(n * count))
+            elif isinstance(count, int) and 0 <= count <= n:
+                counts.add(count)
+            else:
+                raise CircuitError(
+                    f"Edge count {count!r} is neither an int in [0, {n}] nor a fraction in [0, 1]."
+                )
+    else:
+        raise CircuitError(f"test_counts must be an EdgeCounts or a list, got {test_counts!r}.")
+    if zero_edges if zero_edges is not None else not explicit:
+        counts.add(0)
+    if all_edges if all_edges is not None else not explicit:
+        counts.add(n)
+    if true_edge_count is not None:
+        counts.add(true_edge_count)
+    return sorted(counts)
