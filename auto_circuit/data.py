@@ -24,16 +24,19 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch as t
 from jaxtyping import Float, Int
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
 from auto_circuit.errors import CircuitError
 from auto_circuit.types import BatchKey
+
+if TYPE_CHECKING:
+    # Imported lazily: loading pre-tokenised data does not need TransformerLens.
+    from transformer_lens import HookedTransformer, TransformerLensKeyValueCache
 
 PathLike = str | Path
 
@@ -348,23 +351,19 @@ def load_datasets_from_json(
     prefix_len = 0
     if tail_divergence and same_length:
         prefix_len = min(_shared_prefix_len(clean + corrupt), lengths[0][0] - 1)
-    clean_t = _pad_left(clean, encoder.pad_id)[:, prefix_len:]
-    corrupt_t = _pad_left(corrupt, encoder.pad_id)[:, prefix_len:]
+    # Clean and corrupt prompts are padded to one width: they run through the same graph.
+    padded = _pad_left(clean + corrupt, encoder.pad_id)[:, prefix_len:]
+    clean_t, corrupt_t = padded[: len(clean)], padded[len(clean) :]
     seq_len = clean_t.shape[1] if return_seq_length else None
 
-    bos_added = model is not None and prepend_bos
-    if bos_added:
-        word_idxs = {name: i + 1 for name, i in word_idxs.items()}
-        seq_labels = None if seq_labels is None else [BOS_LABEL, *seq_labels]
-    if seq_labels is not None:
-        if return_seq_length and len(seq_labels) != clean_t.shape[1] + prefix_len:
-            raise CircuitError(
-                f"{paths[0]}: {len(seq_labels)} seq_labels"
-                f"{' (with the BOS label)' if bos_added else ''} but the prompts have "
-                f"{clean_t.shape[1] + prefix_len} tokens; give one label per token "
-                "(BOS excluded)."
-            )
-        seq_labels = seq_labels[prefix_len:]
+    seq_labels, word_idxs = _position_metadata(
+        seq_labels,
+        word_idxs,
+        bos_added=model is not None and prepend_bos,
+        prefix_len=prefix_len,
+        n_tokens=padded.shape[1] + prefix_len if return_seq_length else None,
+        path=paths[0],
+    )
 
     order = list(range(len(raw)))
     if shuffle:
@@ -526,6 +525,34 @@ def _check_tokenizer(model: HookedTransformer) -> None:
         )
     if model.tokenizer.pad_token_id is None:
         raise CircuitError("The model's tokenizer has no pad token; set tokenizer.pad_token.")
+
+
+def _position_metadata(
+    seq_labels: list[str] | None,
+    word_idxs: dict[str, int],
+    *,
+    bos_added: bool,
+    prefix_len: int,
+    n_tokens: int | None,
+    path: Path,
+) -> tuple[list[str] | None, dict[str, int]]:
+    """Shift the file's labels and indices for BOS; cut the labels of the cached prefix.
+
+    ``n_tokens`` is the prompts' token length (BOS and prefix included) when every prompt
+    must have it, to check the labels against.
+    """
+    if bos_added:
+        word_idxs = {name: i + 1 for name, i in word_idxs.items()}
+        seq_labels = None if seq_labels is None else [BOS_LABEL, *seq_labels]
+    if seq_labels is None:
+        return None, word_idxs
+    if n_tokens is not None and len(seq_labels) != n_tokens:
+        raise CircuitError(
+            f"{path}: {len(seq_labels)} seq_labels"
+            f"{' (with the BOS label)' if bos_added else ''} but the prompts have "
+            f"{n_tokens} tokens; give one label per token (BOS excluded)."
+        )
+    return seq_labels[prefix_len:], word_idxs
 
 
 # ----------------------------------------------------------------------------------------
@@ -747,6 +774,8 @@ def _prefix_kv_cache(
     model: HookedTransformer, prefix: Int[Tensor, " prefix"], batch_size: int
 ) -> TransformerLensKeyValueCache:
     """A frozen cache of ``prefix`` repeated ``batch_size`` times."""
+    from transformer_lens import TransformerLensKeyValueCache
+
     device = model.cfg.device
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch_size)
     tokens = prefix.to(device).expand(batch_size, -1)

@@ -9,6 +9,8 @@ import pytest
 import torch as t
 
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+# The test models are tiny: one thread avoids thread-pool overhead dominating every op.
+t.set_num_threads(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -38,7 +38,10 @@ def make_word_tokenizer(words: list[str], *, add_bos_token: bool = True) -> PreT
     Args:
         words: The words, e.g. ``["When", "Mary", "and", "John", ","]``. A word must not
             contain whitespace.
-        add_bos_token: Whether encoding prepends ``<|endoftext|>`` (see the module docstring).
+        add_bos_token: Whether encoding prepends ``<|endoftext|>``. A tokenizer built with
+            False cannot be handed to ``HookedTransformer`` (TransformerLens would try to
+            reload it from the hub); assign it to ``model.tokenizer`` afterwards and set
+            ``model.cfg.tokenizer_prepends_bos = False`` to test that case.
     """
     if any(any(ch.isspace() for ch in word) for word in words):
         raise ValueError("make_word_tokenizer: words must not contain whitespace.")

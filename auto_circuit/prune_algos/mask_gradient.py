@@ -79,8 +79,9 @@ def mask_gradient_prune_scores(
         answer_function: ``avg_diff`` (answers minus wrong answers), ``avg_val``
             (answers) or ``mse`` (against float answers).
         mask_val: the value of every mask where the gradient is taken (0: plain EAP).
-        integrated_grad_samples: instead of ``mask_val``, average gradients over
-            ``n + 1`` global mask values ``0, 1/n, ..., 1``.
+        integrated_grad_samples: instead of ``mask_val``, integrate gradients over a
+            global mask value from 0 to 1 (trapezoid rule on ``0, 1/n, ..., 1``), so the
+            scores sum to the metric change of ablating every edge (completeness).
         ablation_type: what ablated edges carry; ``clean_corrupt``: which prompts the
             per-batch ablations are computed from.
 
@@ -94,11 +95,13 @@ def mask_gradient_prune_scores(
         raise CircuitError("Give exactly one of mask_val and integrated_grad_samples.")
     if integrated_grad_samples is not None and integrated_grad_samples < 1:
         raise CircuitError("integrated_grad_samples must be >= 1.")
-    mask_values = (
-        [mask_val]
-        if mask_val is not None
-        else [k / integrated_grad_samples for k in range(integrated_grad_samples + 1)]  # type: ignore[operator]
-    )
+    # Trapezoid rule over 0, 1/n, ..., 1: completeness error O(1/n^2).
+    if mask_val is not None:
+        points = [(mask_val, 1.0)]
+    else:
+        n = integrated_grad_samples
+        assert n is not None
+        points = [(k / n, (0.5 if k in (0, n) else 1.0) / n) for k in range(n + 1)]
     dataset_ablation = (
         src_ablations(model, dataloader, ablation_type) if ablation_type.needs_dataloader else None
     )
@@ -111,13 +114,13 @@ def mask_gradient_prune_scores(
                 source = batch.corrupt if clean_corrupt == "corrupt" else batch.clean
                 patch = src_ablations(model, source, ablation_type)
             with patch_mode(model, patch):
-                for value in mask_values:
-                    set_all_masks(model, float(value))  # type: ignore[arg-type]
+                for value, weight in points:
+                    set_all_masks(model, value)
                     logits = model(batch.clean)[model.out_slice]
                     vals = apply_grad_function(logits, grad_function)
-                    loss = -answer_metric(vals, batch, answer_function)
+                    loss = -answer_metric(vals, batch, answer_function) * weight
                     loss.backward()
         for name, mask in masks.items():
             if mask.grad is not None:
-                scores[name] += mask.grad.detach() / len(mask_values)
+                scores[name] += mask.grad.detach()
     return scores

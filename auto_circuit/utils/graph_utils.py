@@ -170,6 +170,21 @@ def patch_mode(
 
 
 @contextmanager
+def delta_patch_mode(model: PatchableModel, src_deltas: Tensor) -> Iterator[None]:
+    """Patch mode where a masked edge adds a fixed difference ``src_deltas[src]``
+    (``[n_src, batch, seq, d_model]``) to its destination, whatever the source outputs in
+    this forward. Mask gradients then read ``grad_dest . src_deltas[src]`` at any input,
+    as integrated-gradient attributions over interpolated inputs need."""
+    state = model.engine.state
+    with patch_mode(model, src_deltas):
+        state.patch_is_delta = True
+        try:
+            yield
+        finally:
+            state.patch_is_delta = False
+
+
+@contextmanager
 def train_mask_mode(
     model: PatchableModel, requires_grad: bool = True
 ) -> Iterator[dict[str, t.nn.Parameter]]:

@@ -42,6 +42,7 @@ class PatchState:
     patch_mode: bool = False
     patch_src_outs: Tensor | None = None
     curr_src_outs: Tensor | None = None
+    patch_is_delta: bool = False  # patch_src_outs holds P - C itself (fixed differences)
     mask_fn: MaskFn = None
     dropout_p: float = 0.0
     training: bool = False
@@ -289,6 +290,9 @@ class PatchEngine:
         site = self.src_sites[i]
         assert state.patch_src_outs is not None
         patch = state.patch_src_outs[site.src_idxs.start : site.src_idxs.stop]
+        if state.patch_is_delta:
+            state.src_deltas[i] = patch
+            return patch
         if i in state.outputs:
             current = site.read(state.outputs[i])
         elif state.curr_src_outs is not None:
