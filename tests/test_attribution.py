@@ -13,7 +13,11 @@ from auto_circuit.prune_algos.edge_attribution_patching import (
     edge_attribution_patching_prune_scores,
 )
 from auto_circuit.prune_algos.exact_patching import exact_patching_prune_scores
-from auto_circuit.prune_algos.mask_gradient import answer_metric, mask_gradient_prune_scores
+from auto_circuit.prune_algos.mask_gradient import (
+    answer_metric,
+    mask_gradient_per_example_scores,
+    mask_gradient_prune_scores,
+)
 from auto_circuit.utils.ablation_activations import src_ablations
 from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks
 
@@ -156,3 +160,29 @@ def test_eap_ig_clean_corrupted_averages_the_endpoint_gradients():
     ours = eap_ig_prune_scores(pm, loader, method="clean-corrupted")
     assert max((expected[k] - at_clean[k]).abs().max() for k in ours) > 1e-4
     assert_scores_close(ours, expected)
+
+
+def test_per_example_scores_equal_single_prompt_runs():
+    pm = patchable_model(make_tl_model(), True, slice_output="last_seq", separate_qkv=True)
+    loader = token_loader(n=3, batch_size=3)
+    (per_example,) = mask_gradient_per_example_scores(pm, loader).values()
+    ds = loader.dataset
+    for i in range(3):
+        single = PromptDataLoader(
+            PromptDataset(
+                ds.clean_prompts[i : i + 1],
+                ds.corrupt_prompts[i : i + 1],
+                ds.answers[i : i + 1],
+                ds.wrong_answers[i : i + 1],
+            ),
+            None,
+            0,
+            batch_size=1,
+        )
+        oracle = mask_gradient_prune_scores(pm, single, mask_val=0.0)
+        assert_scores_close({k: v[i] for k, v in per_example.items()}, oracle)
+    # Other functions still see ordinary masks afterwards.
+    assert all(
+        m.shape == pm.engine.mask_shape(pm.engine.dest_sites[n]) for n, m in pm.patch_masks.items()
+    )
+    mask_gradient_prune_scores(pm, loader, mask_val=0.0)

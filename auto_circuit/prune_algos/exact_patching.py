@@ -20,16 +20,14 @@ from auto_circuit.types import AblationType, PruneScores
 from auto_circuit.utils.ablation_activations import src_ablations
 from auto_circuit.utils.graph_utils import patch_mode, set_mask_batch_size
 from auto_circuit.utils.patchable_model import PatchableModel
-from auto_circuit.utils.tensor_ops import batch_answer_diffs, batch_avg_answer_val  # noqa: F401
+from auto_circuit.utils.tensor_ops import answer_values
 
 
 def _per_prompt_metric(vals: t.Tensor, answers, wrong_answers, answer_function: str) -> t.Tensor:
-    from auto_circuit.utils.tensor_ops import _answer_values
-
     if answer_function == "avg_diff":
-        return _answer_values(vals, answers) - _answer_values(vals, wrong_answers)
+        return answer_values(vals, answers) - answer_values(vals, wrong_answers)
     if answer_function == "avg_val":
-        return _answer_values(vals, answers)
+        return answer_values(vals, answers)
     raise CircuitError(
         f"exact patching supports answer_function 'avg_diff' or 'avg_val', got {answer_function!r}."
     )

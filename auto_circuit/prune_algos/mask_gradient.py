@@ -19,9 +19,18 @@ from torch import Tensor
 from auto_circuit.errors import CircuitError
 from auto_circuit.types import AblationType, Edge, PruneScores
 from auto_circuit.utils.ablation_activations import src_ablations
-from auto_circuit.utils.graph_utils import patch_mode, set_all_masks, train_mask_mode
+from auto_circuit.utils.graph_utils import (
+    patch_mode,
+    set_all_masks,
+    set_mask_batch_size,
+    train_mask_mode,
+)
 from auto_circuit.utils.patchable_model import PatchableModel
-from auto_circuit.utils.tensor_ops import batch_avg_answer_diff, batch_avg_answer_val
+from auto_circuit.utils.tensor_ops import (
+    answer_values,
+    batch_avg_answer_diff,
+    batch_avg_answer_val,
+)
 
 GradFunction = Literal["logit", "prob", "logprob", "logit_exp"]
 AnswerFunction = Literal["avg_diff", "avg_val", "mse"]
@@ -124,3 +133,59 @@ def mask_gradient_prune_scores(
             if mask.grad is not None:
                 scores[name] += mask.grad.detach()
     return scores
+
+
+def per_prompt_metric(vals: Tensor, batch, answer_function: AnswerFunction) -> Tensor:
+    """The metric of ``answer_metric`` for each prompt separately: ``[batch]``."""
+    if answer_function == "avg_diff":
+        return answer_values(vals, batch.answers) - answer_values(vals, batch.wrong_answers)
+    if answer_function == "avg_val":
+        return answer_values(vals, batch.answers)
+    if answer_function == "mse":
+        target = batch.answers if isinstance(batch.answers, Tensor) else t.stack(batch.answers)
+        err = (vals - target.to(vals.device, vals.dtype).view_as(vals)) ** 2
+        return -err.reshape(err.shape[0], -1).mean(dim=1)
+    raise CircuitError(
+        f"answer_function must be 'avg_diff', 'avg_val' or 'mse', got {answer_function!r}."
+    )
+
+
+def mask_gradient_per_example_scores(
+    model: PatchableModel,
+    dataloader,
+    grad_function: GradFunction = "logit",
+    answer_function: AnswerFunction = "avg_diff",
+    mask_val: float = 0.0,
+    ablation_type: AblationType = AblationType.RESAMPLE,
+    clean_corrupt: Literal["clean", "corrupt"] | None = "corrupt",
+) -> dict[int, PruneScores]:
+    """Edge attributions for every prompt separately (e.g. for anomaly detection).
+
+    Returns, for each batch key, scores with a leading ``batch`` axis
+    (``[batch, *mask_shape]``): the gradient of each prompt's own negated metric with
+    respect to its own copy of the masks (``set_mask_batch_size``). Averaging them over
+    the prompts of a batch gives that batch's ``mask_gradient_prune_scores``.
+    """
+    dataset_ablation = (
+        src_ablations(model, dataloader, ablation_type) if ablation_type.needs_dataloader else None
+    )
+    results: dict[int, PruneScores] = {}
+    for batch in dataloader:
+        if dataset_ablation is not None:
+            patch = dataset_ablation
+        else:
+            source = batch.corrupt if clean_corrupt == "corrupt" else batch.clean
+            patch = src_ablations(model, source, ablation_type)
+        n_prompts = batch.clean.shape[0]
+        with set_mask_batch_size(model, n_prompts), train_mask_mode(model) as masks:
+            with patch_mode(model, patch):
+                set_all_masks(model, mask_val)
+                vals = apply_grad_function(model(batch.clean)[model.out_slice], grad_function)
+                (-per_prompt_metric(vals, batch, answer_function).sum()).backward()
+            results[batch.key] = {
+                name: mask.grad.detach().clone()
+                if mask.grad is not None
+                else t.zeros_like(mask.detach())
+                for name, mask in masks.items()
+            }
+    return results

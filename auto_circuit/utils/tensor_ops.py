@@ -44,8 +44,10 @@ def prune_scores_threshold(prune_scores: PruneScores, edge_count: int) -> Tensor
     return desc_prune_scores(prune_scores)[edge_count - 1]
 
 
-def _answer_values(vals: Tensor, answers: Tensor | list[Tensor]) -> Tensor:
-    """Mean over each prompt's answers of ``vals[prompt, answer]``: ``[batch]``."""
+def answer_values(vals: Tensor, answers: Tensor | list[Tensor]) -> Tensor:
+    """Per prompt, the mean over its answers of ``vals[prompt, answer]``: ``[batch]``.
+
+    ``answers`` is ``[batch, n_answers]`` or a list of 1-D tensors (ragged)."""
     if isinstance(answers, Tensor):
         index = answers if answers.ndim == vals.ndim else answers.unsqueeze(-1)
         return t.gather(vals, -1, index.to(vals.device)).mean(dim=-1)
@@ -54,12 +56,12 @@ def _answer_values(vals: Tensor, answers: Tensor | list[Tensor]) -> Tensor:
 
 def batch_avg_answer_val(vals: Tensor, batch: Any) -> Tensor:
     """Mean answer value over a batch (values ``[batch, vocab]`` at the task position)."""
-    return _answer_values(vals, batch.answers).mean()
+    return answer_values(vals, batch.answers).mean()
 
 
 def batch_answer_diffs(vals: Tensor, batch: Any) -> Tensor:
     """Per prompt: mean value of the answers minus mean value of the wrong answers."""
-    return _answer_values(vals, batch.answers) - _answer_values(vals, batch.wrong_answers)
+    return answer_values(vals, batch.answers) - answer_values(vals, batch.wrong_answers)
 
 
 def batch_avg_answer_diff(vals: Tensor, batch: Any) -> Tensor:
