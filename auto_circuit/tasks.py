@@ -146,7 +146,82 @@ MICRO_MODEL_TASK = Task(
     separate_qkv=None,
 )
 
-TASKS: list[Task] = [MICRO_MODEL_TASK]
+
+def _official(module: str, function: str) -> TrueEdgeFunc:
+    """An official-circuit function, imported when the task first asks for it."""
+
+    def true_edges(model: PatchableModel, **kwargs: Any) -> set[Edge]:
+        from importlib import import_module
+
+        circuits = import_module(f"auto_circuit.metrics.official_circuits.circuits.{module}")
+        return getattr(circuits, function)(model, **kwargs)
+
+    true_edges.__qualname__ = f"{module}.{function}"
+    return true_edges
+
+
+# Tasks on published models: they need the model weights (downloaded once by
+# TransformerLens, or a local checkpoint directory as model_def).
+IOI_TOKEN_CIRCUIT_TASK = Task(
+    key="Indirect Object Identification Token Circuit",
+    name="IOI",
+    model_def="gpt2",
+    dataset_name="ioi/ioi_vanilla_template_prompts",
+    batch_size=(100, 100),
+    batch_count=(2, 2),
+    token_circuit=True,
+    true_edge_func=_official("ioi_official", "ioi_head_based_official_edges"),
+    tail_divergence=True,
+)
+IOI_COMPONENT_CIRCUIT_TASK = Task(
+    key="Indirect Object Identification",
+    name="IOI",
+    model_def="gpt2",
+    dataset_name="ioi/ioi_vanilla_template_prompts",
+    batch_size=64,
+    batch_count=2,
+    token_circuit=False,
+    true_edge_func=_official("ioi_official", "ioi_true_edges"),
+)
+GREATERTHAN_COMPONENT_CIRCUIT_TASK = Task(
+    key="Greaterthan",
+    name="Greaterthan",
+    model_def="gpt2",
+    dataset_name="greaterthan_gpt2-small_prompts",
+    batch_size=50,
+    batch_count=2,
+    token_circuit=False,
+    true_edge_func=_official("greaterthan_official", "greaterthan_true_edges"),
+)
+DOCSTRING_TOKEN_CIRCUIT_TASK = Task(
+    key="Docstring Token Circuit",
+    name="Docstring",
+    model_def="attn-only-4l",
+    dataset_name="docstring_prompts",
+    batch_size=50,
+    batch_count=2,
+    token_circuit=True,
+    true_edge_func=_official("docstring_official", "docstring_node_based_official_edges"),
+)
+DOCSTRING_COMPONENT_CIRCUIT_TASK = Task(
+    key="Docstring",
+    name="Docstring",
+    model_def="attn-only-4l",
+    dataset_name="docstring_prompts",
+    batch_size=50,
+    batch_count=2,
+    token_circuit=False,
+    true_edge_func=_official("docstring_official", "docstring_true_edges"),
+)
+
+TASKS: list[Task] = [
+    MICRO_MODEL_TASK,
+    IOI_TOKEN_CIRCUIT_TASK,
+    IOI_COMPONENT_CIRCUIT_TASK,
+    GREATERTHAN_COMPONENT_CIRCUIT_TASK,
+    DOCSTRING_TOKEN_CIRCUIT_TASK,
+    DOCSTRING_COMPONENT_CIRCUIT_TASK,
+]
 
 
 def register_task(task: Task) -> Task:

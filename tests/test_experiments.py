@@ -94,3 +94,14 @@ def test_real_algorithm_in_a_sweep(tmp_path):
     )  # fmt: skip
     points = dict(results["RESAMPLE"]["Logit Diff"]["Micro Model"]["Logit Diff Gradients"])
     assert set(points) >= {0, 13}
+
+
+def test_predefined_tasks_name_existing_datasets_and_circuits():
+    from auto_circuit.tasks import TASKS
+
+    for task in TASKS:
+        assert task.dataset_path().exists()
+        if task.true_edge_func is not None:
+            assert callable(task.true_edge_func)
+    keys = [task.key for task in TASKS]
+    assert len(keys) == len(set(keys))
