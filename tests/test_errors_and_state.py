@@ -131,13 +131,15 @@ def test_bad_mask_function(micro):
 
 
 def test_every_context_manager_restores_state_on_exception(micro):
-    patch = src_ablations(micro, -CLEAN)
+    patch = src_ablations(micro, -CLEAN)  # batch 1: broadcasts over any batch
     with pytest.raises(RuntimeError, match="boom"):
         with train_mask_mode(micro), mask_fn_mode(micro, "sigmoid", dropout_p=0.5):
             with set_mask_batch_size(micro, 4), patch_mode(micro, patch):
                 micro.patch_masks["output"].data.fill_(3.0)
                 assert micro.patch_masks["output"].shape == (4, 5)
-                micro(CLEAN)
+                with pytest.raises(CircuitError, match="batch size 4 but the input has 1 prompts"):
+                    micro(CLEAN)
+                micro(CLEAN.repeat(4, 1, 1))
                 raise RuntimeError("boom")
     assert_clean_state(micro)
     assert micro.patch_masks["output"].shape == (5,)

@@ -31,8 +31,10 @@ from auto_circuit.types import DestNode, SrcNode
 ReadSources = Callable[[Tensor], Tensor]
 """Hooked module output -> ``[n_src, batch, seq, d_model]`` source contributions."""
 
-ApplyDelta = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
-"""(hooked tensor, delta, probe outputs of this forward) -> patched tensor."""
+ApplyDelta = Callable[[Tensor, Callable[[], Tensor], Mapping[str, Tensor]], Tensor]
+"""(hooked tensor, a function computing the delta, probe outputs of this forward) ->
+patched tensor. The delta is a function so that a family can recompute it inside an
+activation checkpoint instead of keeping per-head copies for the backward pass."""
 
 
 @dataclass(frozen=True)

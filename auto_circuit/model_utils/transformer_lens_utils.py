@@ -29,13 +29,14 @@ output for every later reader.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import count
 from typing import Any
 
 import torch as t
 from jaxtyping import Float
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from auto_circuit.errors import CircuitError
 from auto_circuit.model_utils.families import (
@@ -241,25 +242,34 @@ def _head_reader(attn: t.nn.Module):
 
 
 def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelta:
-    """Rebuild a head's q/k/v from ``ln1(resid_pre + delta_head)``, as the block would."""
+    """Rebuild every head's q/k/v from ``ln1(resid_pre + delta_head)``, as the block would.
+
+    With gradients on, the rebuild runs under an activation checkpoint: the per-head
+    ``[batch, seq, head, d_model]`` inputs and their normalised copies are recomputed in
+    the backward pass instead of being kept, so memory stays near the bare model's.
+    """
     attn: Any = block.attn
     ln1: Any = block.ln1
     probe = f"blocks.{block_idx}.hook_resid_pre"
 
+    def rebuild(resid: Tensor, delta: Callable[[], Tensor]) -> Tensor:
+        normed = ln1(resid.unsqueeze(2) + delta())
+        weight = getattr(attn, f"W_{letter}")
+        return t.einsum("bshd,hde->bshe", normed, weight) + getattr(attn, f"b_{letter}")
+
     def apply(
-        hooked: Tensor, delta: Float[Tensor, "batch seq head d"], probes: Mapping[str, Tensor]
+        hooked: Tensor, delta: Callable[[], Tensor], probes: Mapping[str, Tensor]
     ) -> Float[Tensor, "batch seq head d_head"]:
         resid = probes[probe]
-        weight = getattr(attn, f"W_{letter}")
-        bias = getattr(attn, f"b_{letter}")
-        normed = ln1(resid.unsqueeze(2) + delta)
-        return t.einsum("bshd,hde->bshe", normed, weight) + bias
+        if t.is_grad_enabled():
+            return checkpoint(rebuild, resid, delta, use_reentrant=False)
+        return rebuild(resid, delta)
 
     return apply
 
 
-def _add(hooked: Tensor, delta: Tensor, probes: Mapping[str, Tensor]) -> Tensor:
-    return hooked + delta
+def _add(hooked: Tensor, delta: Callable[[], Tensor], probes: Mapping[str, Tensor]) -> Tensor:
+    return hooked + delta()
 
 
 class TransformerLensFamily:

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from auto_circuit.errors import CircuitError
-from auto_circuit.model_utils.families import DestSite, FamilyGraph, SrcSite
+from auto_circuit.model_utils.families import ApplyDelta, DestSite, FamilyGraph, SrcSite
 from auto_circuit.types import MaskFn
 from auto_circuit.utils.tensor_ops import sample_hard_concrete
 
@@ -48,15 +48,20 @@ class PatchState:
     training: bool = False
     # Per forward pass (cleared before and after each one):
     outputs: dict[int, Tensor] = field(default_factory=dict)
-    src_deltas: dict[int, Tensor] = field(default_factory=dict)
+    currents: dict[int, Tensor] = field(default_factory=dict)
     dest_deltas: dict[str, Tensor | None] = field(default_factory=dict)
+    mask_samples: dict[str, Tensor] = field(default_factory=dict)
     probes: dict[str, Tensor] = field(default_factory=dict)
+    table: Tensor | None = None  # [n_src, batch*seq*d] (or [seq, n_src, batch*d]): P - C
+    table_shape: tuple[int, int, int] = (0, 0, 0)  # batch, seq, d_model of the table
 
     def clear_forward(self) -> None:
         self.outputs.clear()
-        self.src_deltas.clear()
+        self.currents.clear()
         self.dest_deltas.clear()
+        self.mask_samples.clear()
         self.probes.clear()
+        self.table = None
 
 
 class PatchWrapperImpl:
@@ -181,7 +186,6 @@ class PatchEngine:
         def hook(module: t.nn.Module, args: Any, output: Tensor) -> None:
             if state.patch_mode:
                 state.outputs[i] = output
-                state.src_deltas.pop(i, None)
 
         return hook
 
@@ -194,41 +198,41 @@ class PatchEngine:
 
         return hook
 
-    def _dest_output_hook(self, site: DestSite, apply) -> Callable[..., Tensor | None]:
+    def _dest_output_hook(self, site: DestSite, apply: ApplyDelta | None) -> Callable:
         state = self.state
 
         def hook(module: t.nn.Module, args: Any, output: Tensor) -> Tensor | None:
             if not state.patch_mode:
                 return None
-            delta = self.dest_delta(site)
+            delta = self.delta_fn(site)
             if delta is None:
                 return None
-            return apply(output, delta, state.probes) if apply else output + delta
+            return apply(output, delta, state.probes) if apply else output + delta()
 
         return hook
 
-    def _dest_input_hook(self, site: DestSite, apply) -> Callable[..., tuple | None]:
+    def _dest_input_hook(self, site: DestSite, apply: ApplyDelta | None) -> Callable:
         state = self.state
 
         def hook(module: t.nn.Module, args: tuple) -> tuple | None:
             if not state.patch_mode:
                 return None
-            delta = self.dest_delta(site)
+            delta = self.delta_fn(site)
             if delta is None:
                 return None
-            patched = apply(args[0], delta, state.probes) if apply else args[0] + delta
+            patched = apply(args[0], delta, state.probes) if apply else args[0] + delta()
             return (patched, *args[1:])
 
         return hook
 
     # ---- deltas ------------------------------------------------------------------
 
-    def mask_values(self, site: DestSite, batch_size: int) -> Tensor | None:
-        """The mask as used in this forward, or None when it changes nothing."""
+    def mask_values(self, site: DestSite, batch_size: int) -> Tensor:
+        """The mask as used in this forward (sampled once per forward and site)."""
         state = self.state
-        mask = self.masks[site.module_name]
-        if state.mask_fn is None and not mask.requires_grad and not bool(mask.any()):
-            return None
+        if site.module_name in state.mask_samples:
+            return state.mask_samples[site.module_name]
+        mask: Tensor = self.masks[site.module_name]
         if state.mask_fn == "hard_concrete":
             batch_masks = mask.ndim > len(self.mask_shape(site))
             mask = sample_hard_concrete(mask, None if batch_masks else batch_size)
@@ -236,82 +240,200 @@ class PatchEngine:
             mask = t.sigmoid(mask)
         if state.dropout_p > 0 and state.training:
             mask = t.nn.functional.dropout(mask, p=state.dropout_p, training=True)
+        state.mask_samples[site.module_name] = mask
         return mask
 
-    def dest_delta(self, site: DestSite) -> Tensor | None:
-        """``sum_j mask[..., j] * (P[j] - C[j])`` for a destination, once per forward."""
+    def _active_range(self, site: DestSite) -> range:
+        """Source indices whose mask column is non-zero somewhere (all of them when the
+        mask is transformed or trained)."""
+        mask = self.masks[site.module_name]
+        if self.state.mask_fn is not None or mask.requires_grad:
+            return site.in_srcs
+        active = t.nonzero((mask != 0).reshape(-1, mask.shape[-1]).any(0)).flatten().tolist()
+        if not active:
+            return range(0)
+        return range(site.in_srcs.start + active[0], site.in_srcs.start + active[-1] + 1)
+
+    def delta_fn(self, site: DestSite) -> Callable[[], Tensor] | None:
+        """A function computing ``sum_j mask[..., j] (P[j] - C[j])`` for a destination, or
+        None when the destination is unchanged in this forward."""
         state = self.state
-        if site.module_name in state.dest_deltas:
-            return state.dest_deltas[site.module_name]
-        patch = state.patch_src_outs
-        if patch is None:
+        if state.patch_src_outs is None:
             raise CircuitError("patch mode is on but no patch_src_outs were given.")
-        mask = self.mask_values(site, patch.shape[1])
-        delta = None if mask is None else self._masked_sum(site, mask)
-        state.dest_deltas[site.module_name] = delta
-        return delta
+        if site.module_name in state.dest_deltas:
+            value = state.dest_deltas[site.module_name]
+            return None if value is None else (lambda: value)
+        span = self._active_range(site)
+        if not span:
+            state.dest_deltas[site.module_name] = None
+            return None
+        groups = self._fill_table(span)
+        table = state.table
+        assert table is not None
+        mask = self.mask_values(site, state.table_shape[0])
+        cols = mask[..., span.start - site.in_srcs.start : span.stop - site.in_srcs.start]
+        rows = table[:, span.start : span.stop] if self.seq_len else table[span.start : span.stop]
+        batch_masks = mask.ndim > len(self.mask_shape(site))
+        if batch_masks and mask.shape[0] != state.table_shape[0]:
+            raise CircuitError(
+                f"Per-example masks (set_mask_batch_size) have batch size {mask.shape[0]} but "
+                f"the input has {state.table_shape[0]} prompts; use the same batch size."
+            )
+        compute = self._masked_sum_fn(site, batch_masks, len(span))
+        currents = [c for _, c in groups if c.requires_grad]
+        if not t.is_grad_enabled() or not (cols.requires_grad or currents):
+            with t.no_grad():
+                value = compute(cols, rows)
+            state.dest_deltas[site.module_name] = value
+            return lambda: value
+        slots = [(g.start - span.start, g.stop - span.start) for g, c in groups if c.requires_grad]
+        layout = (self.seq_len is not None, state.table_shape)
+        return lambda: _TableMaskedSum.apply(cols, compute, rows, layout, slots, *currents)
 
-    def _masked_sum(self, site: DestSite, mask: Tensor) -> Tensor | None:
-        n_in = len(site.in_srcs)
-        base_ndim = len(self.mask_shape(site))
-        letters = ("b" if mask.ndim > base_ndim else "") + ("s" if self.seq_len else "")
-        letters += "h" if site.n_heads is not None else ""
-        equation = f"{letters}n,nbsd->bs{'h' if site.n_heads is not None else ''}d"
-        active: list[bool] | None = None
-        if not mask.requires_grad:
-            active = (mask != 0).reshape(-1, n_in).any(0).tolist()
-        delta: Tensor | None = None
-        for i, src_site in enumerate(self.src_sites):
-            lo = max(src_site.src_idxs.start, site.in_srcs.start)
-            hi = min(src_site.src_idxs.stop, site.in_srcs.stop)
-            if lo >= hi:
-                continue
-            cols = slice(lo - site.in_srcs.start, hi - site.in_srcs.start)
-            if active is not None and not any(active[cols]):
-                continue
-            src_delta = self.src_delta(i)[
-                lo - src_site.src_idxs.start : hi - src_site.src_idxs.start
-            ]
-            if self.seq_len is not None and src_delta.shape[2] != self.seq_len:
-                raise CircuitError(
-                    f"The model was made patchable with seq_len={self.seq_len}, but this input "
-                    f"has {src_delta.shape[2]} token positions. Use prompts of exactly "
-                    f"{self.seq_len} tokens (after any KV-cache prefix), or seq_len=None."
-                )
-            term = t.einsum(equation, mask[..., cols], src_delta)
-            delta = term if delta is None else delta + term
-        return delta
+    def _masked_sum_fn(
+        self, site: DestSite, batch_masks: bool, n: int
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """``(mask columns, table rows) -> delta [batch, seq, (head,) d_model]``."""
+        batch, seq, d_model = self.state.table_shape
+        heads = site.n_heads is not None
+        n_heads = site.n_heads or 1
+        per_position = self.seq_len is not None
 
-    def src_delta(self, i: int) -> Tensor:
-        """``P - C`` for the i-th source site, ``[n, batch, seq, d_model]``."""
+        def compute(cols: Tensor, rows: Tensor) -> Tensor:
+            if batch_masks:
+                m = cols.reshape(batch, *((seq,) if per_position else ()), n_heads, n)
+                if per_position:
+                    out = t.einsum("bshn,snbd->bshd", m, rows.view(seq, n, batch, d_model))
+                else:
+                    out = t.einsum("bhn,nbsd->bshd", m, rows.view(n, batch, seq, d_model))
+            elif per_position:
+                prod = t.bmm(cols.reshape(seq, n_heads, n), rows)
+                out = prod.view(seq, n_heads, batch, d_model).permute(2, 0, 1, 3)
+            else:
+                prod = cols.reshape(n_heads, n) @ rows
+                out = prod.view(n_heads, batch, seq, d_model).permute(1, 2, 0, 3)
+            return out if heads else out.squeeze(2)
+
+        return compute
+
+    def _fill_table(self, span: range) -> list[tuple[range, Tensor]]:
+        """Write ``P - C`` of every source group overlapping ``span`` into this forward's
+        table (once per group); returns (source range, current output) of those groups."""
         state = self.state
-        if i in state.src_deltas:
-            return state.src_deltas[i]
+        groups = []
+        for i, site in enumerate(self.src_sites):
+            src = site.src_idxs
+            if src.stop <= span.start or src.start >= span.stop:
+                continue
+            if i not in state.currents:
+                current = self._current(i)
+                patch = state.patch_src_outs
+                assert patch is not None
+                patch = patch[src.start : src.stop]
+                if not _broadcastable(patch.shape[1:], current.shape[1:]):
+                    raise CircuitError(
+                        f"patch_src_outs has [batch, seq, d_model] = {list(patch.shape[1:])} "
+                        f"but source {site.module_name} produced {list(current.shape[1:])} in "
+                        "this forward. Compute the ablations on a batch of the same shape as "
+                        "the input (batch and seq of size 1 broadcast)."
+                    )
+                self._check_seq(current)
+                table = self._table(current)
+                with t.no_grad():
+                    delta = patch.to(current.dtype) - current.detach()
+                    if state.patch_is_delta:
+                        delta = patch.to(current.dtype).expand_as(current)
+                    if self.seq_len is not None:
+                        view = table[:, src.start : src.stop].view(
+                            self.seq_len, len(src), *state.table_shape[:1], -1
+                        )
+                        view.copy_(delta.permute(2, 0, 1, 3))
+                    else:
+                        table[src.start : src.stop].view_as(delta).copy_(delta)
+                state.currents[i] = current
+            groups.append((src, state.currents[i]))
+        return groups
+
+    def _current(self, i: int) -> Tensor:
+        """The i-th source site's outputs in this forward, ``[n, batch, seq, d_model]``."""
+        state = self.state
         site = self.src_sites[i]
-        assert state.patch_src_outs is not None
-        patch = state.patch_src_outs[site.src_idxs.start : site.src_idxs.stop]
-        if state.patch_is_delta:
-            state.src_deltas[i] = patch
-            return patch
+        if state.patch_is_delta and i not in state.outputs:
+            patch = state.patch_src_outs
+            assert patch is not None
+            return t.zeros_like(patch[site.src_idxs.start : site.src_idxs.stop])
         if i in state.outputs:
-            current = site.read(state.outputs[i])
-        elif state.curr_src_outs is not None:
-            current = state.curr_src_outs[site.src_idxs.start : site.src_idxs.stop]
-        else:
+            return site.read(state.outputs[i])
+        if state.curr_src_outs is not None:
+            return state.curr_src_outs[site.src_idxs.start : site.src_idxs.stop]
+        raise CircuitError(
+            f"Source {site.module_name} did not run in this forward pass (e.g. the model "
+            "started at a later layer) and no curr_src_outs were given to patch_mode."
+        )
+
+    def _check_seq(self, current: Tensor) -> None:
+        if self.seq_len is not None and current.shape[2] != self.seq_len:
             raise CircuitError(
-                f"Source {site.module_name} did not run in this forward pass (e.g. the model "
-                "started at a later layer) and no curr_src_outs were given to patch_mode."
+                f"The model was made patchable with seq_len={self.seq_len}, but this input "
+                f"has {current.shape[2]} token positions. Use prompts of exactly "
+                f"{self.seq_len} tokens (after any KV-cache prefix), or seq_len=None."
             )
-        if not _broadcastable(patch.shape[1:], current.shape[1:]):
-            raise CircuitError(
-                f"patch_src_outs has [batch, seq, d_model] = {list(patch.shape[1:])} but "
-                f"source {site.module_name} produced {list(current.shape[1:])} in this "
-                "forward. Compute the ablations on a batch of the same shape as the input "
-                "(batch and seq of size 1 broadcast)."
+
+    def _table(self, current: Tensor) -> Tensor:
+        """This forward's table of source differences, allocated on first use.
+
+        Layout ``[n_src, batch*seq*d_model]``, or ``[seq, n_src, batch*d_model]`` for
+        per-position graphs, so each destination's delta is one (batched) matmul.
+        """
+        state = self.state
+        if state.table is None:
+            batch, seq, d_model = current.shape[1:]
+            n_src = self.src_sites[-1].src_idxs.stop
+            shape = (
+                (seq, n_src, batch * d_model) if self.seq_len else (n_src, batch * seq * d_model)
             )
-        delta = patch.to(current.dtype) - current
-        state.src_deltas[i] = delta
-        return delta
+            state.table = t.empty(shape, device=current.device, dtype=current.dtype)
+            state.table_shape = (batch, seq, d_model)
+        return state.table
+
+
+class _TableMaskedSum(t.autograd.Function):
+    """``delta = compute(mask columns, table rows)`` with gradients for the mask and for
+    the sources' current outputs (``d delta / d C = -mask``), without saving copies: the
+    table rows are never rewritten during the forward pass they belong to."""
+
+    @staticmethod
+    def forward(ctx, cols, compute, rows, layout, slots, *currents):  # type: ignore[override]
+        ctx.compute, ctx.rows, ctx.layout, ctx.slots = compute, rows, layout, slots
+        ctx.save_for_backward(cols)
+        with t.no_grad():
+            return compute(cols, rows)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (cols,) = ctx.saved_tensors
+        need_mask = ctx.needs_input_grad[0]
+        need_currents = any(ctx.needs_input_grad[5:]) and bool(cols.detach().any())
+        grad_cols, grad_rows = None, None
+        with t.enable_grad():
+            m = cols.detach().requires_grad_(need_mask)
+            r = ctx.rows.detach().requires_grad_(need_currents)
+            inputs = [x for x in (m, r) if x.requires_grad]
+            if inputs:
+                grads = t.autograd.grad(ctx.compute(m, r), inputs, grad)
+                grad_cols = grads[0] if need_mask else None
+                grad_rows = grads[-1] if need_currents else None
+        grad_currents = []
+        per_position, (batch, seq, d_model) = ctx.layout
+        for (lo, hi), needs in zip(ctx.slots, ctx.needs_input_grad[5:], strict=True):
+            if grad_rows is None or not needs:
+                grad_currents.append(None)
+            elif per_position:
+                g = grad_rows[:, lo:hi].reshape(seq, hi - lo, batch, d_model)
+                grad_currents.append(-g.permute(1, 2, 0, 3))
+            else:
+                grad_currents.append(-grad_rows[lo:hi].reshape(hi - lo, batch, seq, d_model))
+        return (grad_cols, None, None, None, None, *grad_currents)
 
 
 def _broadcastable(patch_shape: t.Size, current_shape: t.Size) -> bool:
