@@ -205,3 +205,62 @@ def test_mask_gradient_matches_finite_difference():
         down = metric().item()
     assert abs(grad) > 1e-4
     assert grad == pytest.approx((up - down) / (2 * eps), rel=1e-2, abs=1e-4)
+
+
+def test_patching_behind_a_shared_prefix_kv_cache(tmp_path):
+    """With the shared prompt prefix in a frozen KV cache, patching the tail equals
+    patching the full prompt restricted to the tail positions."""
+    import json
+
+    from tokenizers_for_tests import make_word_tokenizer
+
+    from auto_circuit.data import load_datasets_from_json
+
+    words = ["When", "Mary", "and", "John", "went", "to", "the", "store", ",", "gave", "a"]
+    words += ["drink", "Bob", "Dan", "Carol", "Alice"]
+    tokenizer = make_word_tokenizer(words)
+    prompts = [
+        {
+            "clean": f"When Mary and John went to the store, {b} gave a drink to",
+            "corrupt": f"When Mary and John went to the store, {c} gave a drink to",
+            "answers": [" Mary"],
+            "wrong_answers": [" John"],
+        }
+        for b, c in [("John", "Bob"), ("Mary", "Dan"), ("John", "Carol"), ("Mary", "Alice")]
+    ]
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"prompts": prompts}))
+
+    def model_with_tokenizer():
+        model = make_tl_model(d_vocab=len(tokenizer))
+        model.set_tokenizer(tokenizer)
+        return model
+
+    model = model_with_tokenizer()
+    train, _ = load_datasets_from_json(
+        model, path, "cpu", batch_size=2, train_test_size=(2, 2), return_seq_length=True,
+        tail_divergence=True,
+    )  # fmt: skip
+    batch = next(iter(train))
+    prefix_len = train.diverge_idx
+    prefix = model.to_tokens("When Mary and John went to the store,")[:, :prefix_len]
+    full_clean = t.cat([prefix.expand(2, -1), batch.clean], dim=1)
+    full_corrupt = t.cat([prefix.expand(2, -1), batch.corrupt], dim=1)
+
+    cached = patchable_model(
+        model, True, seq_len=train.seq_len, separate_qkv=True, kv_caches=(train.kv_cache,)
+    )
+    full = patchable_model(model_with_tokenizer(), True, separate_qkv=True)
+    edge = "A0.1->A2.3.K"
+    with patch_mode(cached, src_ablations(cached, batch.corrupt), edges=[cached.edge(edge, 1)]):
+        tail_out = cached(batch.clean)
+    # Oracle: the full prompt, with the edge carrying its corrupt value at that one
+    # position (patch values equal to the clean ones everywhere else).
+    position = prefix_len + 1
+    full_patch, clean_src = src_ablations(full, full_corrupt), src_ablations(full, full_clean)
+    at_position = (t.arange(full_clean.shape[1]) == position).view(1, 1, -1, 1)
+    with patch_mode(full, t.where(at_position, full_patch, clean_src), edges=[edge]):
+        expected = full(full_clean)[:, prefix_len:]
+    full_out_all = full(full_clean)
+    assert (expected - full_out_all[:, prefix_len:]).abs().max() > 1e-5
+    t.testing.assert_close(tail_out, expected, atol=1e-4, rtol=1e-4)
