@@ -9,6 +9,11 @@ fi
 . .venv/bin/activate
 pip install -q -c constraints.txt torch==2.13.0
 pip install -q -c constraints.txt -e ".[dev]"
+# Browser tests and static figure export use Debian's Chromium (skipped where it can't be had).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; browser tests will be skipped"
+fi
 ruff check auto_circuit tests benchmarks tools
 ruff format --check auto_circuit tests benchmarks tools
 pyright auto_circuit
