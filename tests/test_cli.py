@@ -1,0 +1,88 @@
+"""The command line end to end, in subprocesses, reading the files it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch as t
+
+TASK = "Micro Model"
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "auto_circuit.cli", *args],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=600,
+    )  # fmt: skip
+
+
+def test_lists(tmp_path):
+    assert TASK in cli("tasks", cwd=tmp_path).stdout
+    algos = cli("algorithms", cwd=tmp_path).stdout
+    assert "ACDC" in algos and "EAP-IG" in algos
+
+
+def test_discover_evaluate_export(tmp_path):
+    run = cli(
+        "discover", TASK, "--algorithm", "Logit Diff Gradients", "--out", "s.pt", cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    saved = t.load(tmp_path / "s.pt", weights_only=False)
+    assert saved["algorithm"] == "Logit Diff Gradients"
+    assert sum(v.numel() for v in saved["scores"].values()) == 13
+
+    run = cli("evaluate", TASK, "--scores", "s.pt", "--out", "e.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "e.json").read_text())
+    sizes = [x for x, _ in result["faithfulness"]]
+    assert sizes[0] == 0 and sizes[-1] == 13
+    # The full circuit under tree patching is the model: 100% of its logit difference.
+    assert result["faithfulness"][-1][1] == pytest.approx(100.0)
+
+
+def test_report_writes_one_html_file(tmp_path):
+    run = cli(
+        "report",
+        TASK,
+        "--algorithms",
+        "Logit Diff Gradients,Random",
+        "--out",
+        "r.html",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="algorithms"' in page and 'id="circuit-browser"' in page
+    assert page.count("<tr>") == 3  # header + two algorithms
+    assert "report written to" in run.stdout and str(tmp_path / "r.html") in run.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["discover", "Nope"], "No task 'Nope'"),
+        (["discover", TASK, "--algorithm", "ACDc"], "Did you mean 'ACDC'"),
+        (["evaluate", TASK, "--scores", "missing.pt"], "No scores file missing.pt"),
+        (["evaluate", TASK, "--scores", "s.pt", "--ablation", "SOMETIMES"], "Unknown ablation"),
+        (["report", TASK, "--metric", "Logit Dif"], "Did you mean 'Logit Diff'"),
+    ],
+)
+def test_bad_arguments_exit_2_without_traceback(tmp_path, monkeypatch, args, message):
+    from typer.testing import CliRunner
+
+    from auto_circuit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    t.save({"scores": {}}, tmp_path / "s.pt")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert re.search(message, result.output), result.output
