@@ -1,7 +1,8 @@
 """Patch values for ablated edges: every source's output under an ablation.
 
 ``src_ablations`` returns ``[n_src, batch, seq, d_model]`` sorted by ``src_idx``, ready
-for ``patch_mode``. Means are returned as expanded views (no copies per example).
+for ``patch_mode``. Batch means are expanded views; dataset means have batch size 1,
+which the engine broadcasts over any batch.
 """
 
 from __future__ import annotations
@@ -105,9 +106,8 @@ def _dataset_mean(
             count += outs.shape[1]
     if total is None:
         raise CircuitError("The dataloader is empty: no prompts to average over.")
-    batch_size = loader.batch_size or 1
-    mean = total / count
-    return mean.expand(mean.shape[0], batch_size, *mean.shape[2:])
+    # Batch axis 1: the engine broadcasts it over any batch (also a smaller last one).
+    return total / count
 
 
 def batch_src_ablations(
