@@ -249,7 +249,7 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
     the backward pass instead of being kept, so memory stays near the bare model's.
     """
     attn: Any = block.attn
-    ln1: Any = block.ln1
+    ln1 = _fused_norm(block.ln1)
     probe = f"blocks.{block_idx}.hook_resid_pre"
 
     def rebuild(resid: Tensor, delta: Callable[[], Tensor]) -> Tensor:
@@ -266,6 +266,31 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
         return rebuild(resid, delta)
 
     return apply
+
+
+def _fused_norm(norm: Any) -> Callable[[Tensor], Tensor]:
+    """The block's normalisation as one fused kernel (TransformerLens composes it from
+    about ten elementwise ops, which dominates the per-head rebuild); same formula."""
+    kind = type(norm).__name__
+    eps = getattr(norm, "eps", 1e-5)
+
+    def in_float(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        def run(x: Tensor) -> Tensor:
+            if x.dtype in (t.float32, t.float64):
+                return fn(x)
+            return fn(x.float()).to(x.dtype)
+
+        return run
+
+    if kind == "LayerNorm":
+        return in_float(lambda x: t.nn.functional.layer_norm(x, x.shape[-1:], norm.w, norm.b, eps))
+    if kind == "LayerNormPre":
+        return in_float(lambda x: t.nn.functional.layer_norm(x, x.shape[-1:], None, None, eps))
+    if kind == "RMSNorm":
+        return in_float(lambda x: t.nn.functional.rms_norm(x, x.shape[-1:], norm.w, eps))
+    if kind == "RMSNormPre":
+        return in_float(lambda x: t.nn.functional.rms_norm(x, x.shape[-1:], None, eps))
+    return norm
 
 
 def _add(hooked: Tensor, delta: Callable[[], Tensor], probes: Mapping[str, Tensor]) -> Tensor:
