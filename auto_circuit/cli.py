@@ -147,8 +147,8 @@ def discover(
 def evaluate(
     task: Annotated[str, typer.Argument(help="Task key.")],
     scores: Annotated[Path, typer.Option(help="Scores file from `discover`.")],
-    metric: str = "Logit Diff Percent",
-    ablation: str = "RESAMPLE",
+    metric: Annotated[str | None, typer.Option(help="Metric key (default: the task's).")] = None,
+    ablation: Annotated[str | None, typer.Option(help="Ablation (default: the task's).")] = None,
     out: Annotated[Path, typer.Option(help="Where to write the results (.json).")] = Path(
         "evaluation.json"
     ),
@@ -162,8 +162,9 @@ def evaluate(
     from auto_circuit.utils.graph_utils import edge_counts_util
 
     saved = _read_scores(scores)
-    chosen_metric, ablation_type = prune_metric(metric), _ablation(ablation)
     loaded = _load(task, device)
+    chosen_metric = prune_metric(metric or loaded.task.metric_key)
+    ablation_type = _ablation(ablation) if ablation else loaded.task.ablation_type
     model, prune_scores = loaded.model, saved["scores"]
     true_size = len(loaded.true_edges) if loaded.true_edges else None
     counts = edge_counts_util(model.n_edges, None, prune_scores, true_edge_count=true_size)
@@ -195,20 +196,22 @@ def report(
     algorithms: Annotated[
         str, typer.Option(help="Comma-separated algorithm keys.")
     ] = DEFAULT_ALGOS,
-    metric: str = "Logit Diff Percent",
-    ablation: str = "RESAMPLE",
+    metric: Annotated[str | None, typer.Option(help="Metric key (default: the task's).")] = None,
+    ablation: Annotated[str | None, typer.Option(help="Ablation (default: the task's).")] = None,
     out: Annotated[Path, typer.Option(help="Where to write the report.")] = Path("report.html"),
     device: str = "cpu",
 ) -> None:
     """Run several algorithms and write one HTML report (table, curves, circuit browser)."""
-    from auto_circuit.report import write_report
-
-    algos, ablation_type = _algos(algorithms), _ablation(ablation)
     from auto_circuit.metrics.prune_metrics.prune_metrics import prune_metric
+    from auto_circuit.report import write_report
+    from auto_circuit.tasks import task_by_key
 
-    prune_metric(metric)  # fail early on a bad name
+    algos = _algos(algorithms)
+    task_def = task_by_key(task)
+    metric_key = prune_metric(metric or task_def.metric_key).key  # fail early on bad names
+    ablation_type = _ablation(ablation) if ablation else task_def.ablation_type
     loaded = _load(task, device)
-    results = write_report(loaded, algos, out, metric, ablation_type, progress=_say)
+    results = write_report(loaded, algos, out, metric_key, ablation_type, progress=_say)
     for r in results:
         auc = "-" if r.roc_auc is None else f"{r.roc_auc:.3f}"
         typer.echo(f"{r.key:<28} {r.seconds:7.2f} s   ROC AUC {auc}")

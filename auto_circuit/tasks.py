@@ -16,7 +16,7 @@ import torch as t
 
 from auto_circuit.data import PromptDataLoader, load_datasets_from_json
 from auto_circuit.errors import CircuitError
-from auto_circuit.types import Edge
+from auto_circuit.types import AblationType, Edge
 from auto_circuit.utils.graph_utils import patchable_model
 from auto_circuit.utils.misc import did_you_mean, repo_path_to_abs_path
 from auto_circuit.utils.patchable_model import PatchableModel
@@ -40,6 +40,8 @@ class Task:
         token_circuit: give every token position its own edges.
         true_edge_func: the official circuit function
             ``(model, token_positions, word_idxs, seq_start_idx) -> set[Edge]``.
+        metric_key, ablation_type: how the task's circuits are evaluated by default
+            (a key of ``PRUNE_METRIC_DICT``; the ablation its official circuit assumes).
     """
 
     key: str
@@ -56,6 +58,8 @@ class Task:
     tail_divergence: bool = False
     prepend_bos: bool = True
     load_kwargs: dict[str, Any] = field(default_factory=dict)
+    metric_key: str = "Logit Diff Percent"
+    ablation_type: AblationType = AblationType.RESAMPLE
 
     def dataset_path(self) -> Path:
         name = (
@@ -214,8 +218,47 @@ DOCSTRING_COMPONENT_CIRCUIT_TASK = Task(
     true_edge_func=_official("docstring_official", "docstring_true_edges"),
 )
 
+
+def _tracr_model(name: str) -> Callable[[t.device], t.nn.Module]:
+    def build(device: t.device) -> t.nn.Module:
+        from auto_circuit.model_utils.tracr_model_utils import get_tracr_model
+
+        return get_tracr_model(name, device)[0]
+
+    build.__qualname__ = f"tracr_model.{name}"
+    return build
+
+
+# Shipped models: they load with no download.
+TRACR_REVERSE_TOKEN_CIRCUIT_TASK = Task(
+    key="Tracr Reverse",
+    name="Tracr Reverse",
+    model_def=_tracr_model("reverse"),
+    dataset_name="tracr/tracr_reverse_len_5_prompts",
+    batch_size=32,
+    batch_count=(2, 2),
+    token_circuit=True,
+    true_edge_func=_official("tracr_reverse_official", "tracr_reverse_true_edges"),
+    slice_output="not_first_seq",
+    metric_key="Clean KL Div",
+)
+TRACR_XPROPORTION_TOKEN_CIRCUIT_TASK = Task(
+    key="Tracr Xproportion",
+    name="Tracr Xproportion",
+    model_def=_tracr_model("xproportion"),
+    dataset_name="tracr/tracr_xproportion_len_5_prompts",
+    batch_size=64,
+    batch_count=(2, 2),
+    token_circuit=True,
+    true_edge_func=_official("tracr_xproportion_official", "tracr_xproportion_official_edges"),
+    slice_output="not_first_seq",
+    metric_key="Answer Logit",
+)
+
 TASKS: list[Task] = [
     MICRO_MODEL_TASK,
+    TRACR_REVERSE_TOKEN_CIRCUIT_TASK,
+    TRACR_XPROPORTION_TOKEN_CIRCUIT_TASK,
     IOI_TOKEN_CIRCUIT_TASK,
     IOI_COMPONENT_CIRCUIT_TASK,
     GREATERTHAN_COMPONENT_CIRCUIT_TASK,
