@@ -80,6 +80,8 @@ PRUNE_ALGOS = [
                "integrated_grad_samples": 50}),
     PruneAlgo("EAP-IG", "EAP-IG (inputs)", "auto_circuit.prune_algos.eap_ig",
               "eap_ig_prune_scores", {"method": "inputs", "steps": 5}),
+    PruneAlgo("EAP-IG MSE", "EAP-IG (inputs, MSE)", "auto_circuit.prune_algos.eap_ig",
+              "eap_ig_prune_scores", {"method": "inputs", "steps": 5, "answer_function": "mse"}),
     PruneAlgo("EAP-IG Activations", "EAP-IG (activations)", "auto_circuit.prune_algos.eap_ig",
               "eap_ig_prune_scores", {"method": "activations", "steps": 5}),
     PruneAlgo("Clean-Corrupted", "EAP-IG (clean-corrupted)", "auto_circuit.prune_algos.eap_ig",
