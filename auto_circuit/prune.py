@@ -23,7 +23,7 @@ def circuit_masks(
     TREE_PATCH masks the complement (everything else is ablated in a clean run).
     """
     in_circuit = {
-        k: v.abs() >= threshold if threshold is not None else t.zeros_like(v, dtype=t.bool)
+        k: v.float().abs() >= threshold if threshold is not None else t.zeros_like(v, dtype=t.bool)
         for k, v in prune_scores.items()
     }
     if patch_type == PatchType.EDGE_PATCH:

@@ -68,8 +68,8 @@ class Task:
             else f"{self.dataset_name}.json"
         )
         path = repo_path_to_abs_path(Path("datasets") / name)
-        if not path.exists():
-            path = Path(name).resolve()
+        if not path.exists():  # other package data (a shipped model's prompts) or a file
+            path = repo_path_to_abs_path(name)
         if not path.exists():
             raise CircuitError(f"Task {self.key!r}: no dataset {self.dataset_name!r} ({path}).")
         return path
@@ -255,8 +255,27 @@ TRACR_XPROPORTION_TOKEN_CIRCUIT_TASK = Task(
     metric_key="Answer Logit",
 )
 
+
+def _induction_model(device: t.device) -> t.nn.Module:
+    from auto_circuit.model_utils.induction_model_utils import get_induction_model
+
+    return get_induction_model(device)
+
+
+INDUCTION_TOKEN_CIRCUIT_TASK = Task(
+    key="Induction",
+    name="Induction",
+    model_def=_induction_model,
+    dataset_name="models/induction/induction_prompts",
+    batch_size=50,
+    batch_count=2,
+    token_circuit=True,
+    true_edge_func=_official("induction_official", "induction_true_edges"),
+)
+
 TASKS: list[Task] = [
     MICRO_MODEL_TASK,
+    INDUCTION_TOKEN_CIRCUIT_TASK,
     TRACR_REVERSE_TOKEN_CIRCUIT_TASK,
     TRACR_XPROPORTION_TOKEN_CIRCUIT_TASK,
     IOI_TOKEN_CIRCUIT_TASK,

@@ -29,7 +29,7 @@ def sample_hard_concrete(mask: Tensor, batch_size: int | None) -> Tensor:
 
 def flat_prune_scores(prune_scores: PruneScores) -> Tensor:
     """All scores in one 1-D tensor, modules in sorted key order."""
-    return t.cat([prune_scores[k].flatten() for k in sorted(prune_scores)])
+    return t.cat([prune_scores[k].flatten().float() for k in sorted(prune_scores)])
 
 
 def desc_prune_scores(prune_scores: PruneScores) -> Tensor:

@@ -29,6 +29,9 @@ from auto_circuit.metrics.official_circuits.circuits.docstring_official import (
 from auto_circuit.metrics.official_circuits.circuits.greaterthan_official import (
     greaterthan_true_edges,
 )
+from auto_circuit.metrics.official_circuits.circuits.induction_official import (
+    induction_true_edges,
+)
 from auto_circuit.metrics.official_circuits.circuits.ioi_official import (
     ioi_head_based_official_edges,
     ioi_true_edges,
@@ -47,6 +50,7 @@ from auto_circuit.metrics.official_circuits.circuits.tracr_xproportion_official 
 )
 
 __all__ = [
+    "induction_true_edges",
     "docstring_node_based_official_edges",
     "docstring_true_edges",
     "greaterthan_true_edges",
