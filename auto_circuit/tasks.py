@@ -219,7 +219,7 @@ DOCSTRING_COMPONENT_CIRCUIT_TASK = Task(
 )
 
 
-def _tracr_model(name: str) -> Callable[[t.device], t.nn.Module]:
+def _tracr_model(name: Literal["reverse", "xproportion"]) -> Callable[[t.device], t.nn.Module]:
     def build(device: t.device) -> t.nn.Module:
         from auto_circuit.model_utils.tracr_model_utils import get_tracr_model
 
