@@ -92,6 +92,11 @@ class Samples:
         return statistics.median(self.wall)
 
     @property
+    def median_cpu(self) -> float:
+        """Median of user+sys seconds."""
+        return statistics.median(u + s for u, s in zip(self.user, self.sys, strict=True))
+
+    @property
     def mean_user(self) -> float:
         return statistics.fmean(self.user)
 
