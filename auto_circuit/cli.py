@@ -83,14 +83,14 @@ def _read_scores(path: Path) -> dict[str, Any]:
 @app.command("models")
 @_friendly
 def list_models() -> None:
-    """List the models the package ships (usable with no download)."""
+    """List the models: those the package ships, then published ones tasks use."""
     from auto_circuit.tasks import TASK_DICT
 
-    shipped = sorted(
-        {t.model_def if isinstance(t.model_def, str) else t.key for t in TASK_DICT.values()}
-    )
-    for name in shipped:
-        typer.echo(name)
+    for key, task in TASK_DICT.items():
+        if not isinstance(task.model_def, str):
+            typer.echo(f"{key}\tshipped (no download)")
+    for name in sorted({t.model_def for t in TASK_DICT.values() if isinstance(t.model_def, str)}):
+        typer.echo(f"{name}\tTransformerLens (weights downloaded once, or a local directory)")
 
 
 @app.command("tasks")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch as t
 
-TASK = "Micro Model"
+TASK = "Tracr Reverse"  # a shipped model: no download
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -36,15 +36,23 @@ def test_discover_evaluate_export(tmp_path):
     assert run.returncode == 0, run.stderr
     saved = t.load(tmp_path / "s.pt", weights_only=False)
     assert saved["algorithm"] == "Logit Diff Gradients"
-    assert sum(v.numel() for v in saved["scores"].values()) == 13
+    assert sum(v.numel() for v in saved["scores"].values()) == 462  # 77 edges x 6 positions
 
     run = cli("evaluate", TASK, "--scores", "s.pt", "--out", "e.json", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "e.json").read_text())
     sizes = [x for x, _ in result["faithfulness"]]
-    assert sizes[0] == 0 and sizes[-1] == 13
-    # The full circuit under tree patching is the model: 100% of its logit difference.
-    assert result["faithfulness"][-1][1] == pytest.approx(100.0)
+    assert sizes[0] == 0 and sizes[-1] == 462
+    assert result["metric"] == "Clean KL Div"  # the task's default
+    # The full circuit under tree patching is the model itself: KL 0 to the clean model.
+    assert result["faithfulness"][-1][1] == pytest.approx(0.0, abs=1e-6)
+    assert result["roc_auc"] == pytest.approx(1.0)
+
+    run = cli("export", TASK, "--scores", "s.pt", "--edges", "10", "--out", "c.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    circuit = json.loads((tmp_path / "c.json").read_text())
+    assert sum(e["in_graph"] for e in circuit["edges"].values()) >= 2
+    assert "a3.h0->logits" in circuit["edges"] and circuit["edges"]["a3.h0->logits"]["in_graph"]
 
 
 def test_report_writes_one_html_file(tmp_path):
