@@ -68,6 +68,9 @@ class DestSite:
     hooks: tuple[DestHook, ...]
     n_heads: int | None
     in_srcs: range
+    fuse_key: str | None = None
+    """Sites with the same key and sources (a block's Q, K and V inputs) may have their
+    deltas computed by one matmul, reading the sources' differences once."""
 
 
 @dataclass(frozen=True)

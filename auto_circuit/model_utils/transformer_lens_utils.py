@@ -253,9 +253,15 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
     probe = f"blocks.{block_idx}.hook_resid_pre"
 
     def rebuild(resid: Tensor, delta: Callable[[], Tensor]) -> Tensor:
-        normed = ln1(resid.unsqueeze(2) + delta())
+        # Head-major [head, batch, seq, d]: the engine's matmul output is laid out so,
+        # and the per-head projection is then one bmm with no transposing copies.
+        per_head = delta().permute(2, 0, 1, 3)
+        normed = ln1(resid.unsqueeze(0) + per_head)
+        n_heads, batch, seq, d_model = normed.shape
         weight = getattr(attn, f"W_{letter}")
-        return t.einsum("bshd,hde->bshe", normed, weight) + getattr(attn, f"b_{letter}")
+        projected = t.bmm(normed.reshape(n_heads, batch * seq, d_model), weight)
+        out = projected.view(n_heads, batch, seq, -1).permute(1, 2, 0, 3)
+        return out + getattr(attn, f"b_{letter}")
 
     def apply(
         hooked: Tensor, delta: Callable[[], Tensor], probes: Mapping[str, Tensor]
@@ -379,7 +385,11 @@ def _dest_sites(
         else:  # residual checkpoints: hook_resid_post, hook_resid_mid
             hooks = (DestHook(name, "output", _add),)
         n_heads = len(nodes) if nodes[0].head_idx is not None else None
-        sites.append(DestSite(name, hooks, n_heads, dest_in_srcs(srcs, nodes[0], factorized)))
+        in_srcs = dest_in_srcs(srcs, nodes[0], factorized)
+        fuse = (
+            f"blocks.{block_idx}.qkv" if kind.endswith(("q_input", "k_input", "v_input")) else None
+        )
+        sites.append(DestSite(name, hooks, n_heads, in_srcs, fuse_key=fuse))
     return sites
 
 

@@ -116,6 +116,19 @@ class PatchEngine:
         self.state = PatchState()
         self.src_sites: list[SrcSite] = sorted(graph.src_sites, key=lambda s: s.src_idxs.start)
         self.dest_sites: dict[str, DestSite] = {d.module_name: d for d in graph.dest_sites}
+        self.fuse_partners: dict[str, list[DestSite]] = {
+            d.module_name: [
+                p
+                for p in graph.dest_sites
+                if p is not d
+                and d.fuse_key
+                and p.fuse_key == d.fuse_key
+                and p.in_srcs == d.in_srcs
+                and p.n_heads is not None
+                and d.n_heads is not None
+            ]
+            for d in graph.dest_sites
+        }
         self.masks: dict[str, t.nn.Parameter] = {
             d.module_name: t.nn.Parameter(
                 t.zeros(self.mask_shape(d), device=device, dtype=dtype), requires_grad=False
@@ -282,13 +295,54 @@ class PatchEngine:
         compute = self._masked_sum_fn(site, batch_masks, len(span))
         currents = [c for _, c in groups if c.requires_grad]
         if not t.is_grad_enabled() or not (cols.requires_grad or currents):
-            with t.no_grad():
-                value = compute(cols, rows)
-            state.dest_deltas[site.module_name] = value
+            partners = [
+                p
+                for p in self.fuse_partners[site.module_name]
+                if p.module_name not in state.dest_deltas
+                and self.masks[p.module_name].ndim == len(self.mask_shape(p))
+            ]
+            if partners and not batch_masks:
+                self._fused_deltas(site, partners)
+            else:
+                with t.no_grad():
+                    state.dest_deltas[site.module_name] = compute(cols, rows)
+            value = state.dest_deltas[site.module_name]
+            assert value is not None
             return lambda: value
         slots = [(g.start - span.start, g.stop - span.start) for g, c in groups if c.requires_grad]
         layout = (self.seq_len is not None, state.table_shape)
         return lambda: _TableMaskedSum.apply(cols, compute, rows, layout, slots, *currents)
+
+    def _fused_deltas(self, site: DestSite, partners: list[DestSite]) -> None:
+        """Deltas of sites sharing their sources (a block's Q, K, V) from one matmul over
+        the union of their active sources: the table rows are read once, not per site."""
+        state = self.state
+        sites = [site]
+        for partner in partners:
+            if self._active_range(partner):
+                sites.append(partner)
+            else:
+                state.dest_deltas[partner.module_name] = None
+        spans = [self._active_range(s) for s in sites]
+        span = range(min(r.start for r in spans), max(r.stop for r in spans))
+        self._fill_table(span)
+        table = state.table
+        assert table is not None
+        first = span.start - site.in_srcs.start
+        cols = t.cat(
+            [
+                self.mask_values(s, state.table_shape[0])[..., first : first + len(span)]
+                for s in sites
+            ],
+            dim=-2,
+        )
+        rows = table[:, span.start : span.stop] if self.seq_len else table[span.start : span.stop]
+        heads = [s.n_heads or 1 for s in sites]
+        fused = DestSite("fused", (), sum(heads), site.in_srcs)
+        with t.no_grad():
+            value = self._masked_sum_fn(fused, False, len(span))(cols, rows)
+        for s, part in zip(sites, value.split(heads, dim=2), strict=True):
+            state.dest_deltas[s.module_name] = part
 
     def _masked_sum_fn(
         self, site: DestSite, batch_masks: bool, n: int
@@ -340,16 +394,18 @@ class PatchEngine:
                 self._check_seq(current)
                 table = self._table(current)
                 with t.no_grad():
-                    delta = patch.to(current.dtype) - current.detach()
-                    if state.patch_is_delta:
-                        delta = patch.to(current.dtype).expand_as(current)
+                    patch = patch.to(current.dtype)
                     if self.seq_len is not None:
                         view = table[:, src.start : src.stop].view(
                             self.seq_len, len(src), *state.table_shape[:1], -1
                         )
-                        view.copy_(delta.permute(2, 0, 1, 3))
+                        view = view.permute(1, 2, 0, 3)  # [n, batch, seq, d] view of the rows
                     else:
-                        table[src.start : src.stop].view_as(delta).copy_(delta)
+                        view = table[src.start : src.stop].view(current.shape)
+                    if state.patch_is_delta:
+                        view.copy_(patch.expand_as(current))
+                    else:
+                        t.sub(patch, current.detach(), out=view)  # no temporary
                 state.currents[i] = current
             groups.append((src, state.currents[i]))
         return groups
