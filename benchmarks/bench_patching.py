@@ -1,6 +1,6 @@
 """Benchmark edge patching against the bare model it wraps.
 
-    python benchmarks/bench_patching.py            # GPT-2-small shape, ~2-3 min on 2 cores
+    python benchmarks/bench_patching.py            # GPT-2-small shape, ~5 min on 2 cores
     python benchmarks/bench_patching.py --quick    # 2-layer toy model, smoke test
     python benchmarks/profile_patching.py          # where the patched passes spend time/memory
 
@@ -167,8 +167,8 @@ def mem_worker(kind: str, shape: Shape, seq_len: int | None) -> dict:
     pm = None
     if kind == "bare":
 
-        def step() -> None:
-            mem_step_bare(model, clean[0])
+        def step(n: int = BATCH) -> None:
+            mem_step_bare(model, clean[0][:n])
     else:
         from auto_circuit.utils.ablation_activations import src_ablations
 
@@ -179,13 +179,13 @@ def mem_worker(kind: str, shape: Shape, seq_len: int | None) -> dict:
         mask_bytes = sum(m.numel() * m.element_size() for m in pm.patch_masks.values())
         out["mask_grad_bytes"] = mask_bytes
 
-        def step() -> None:
-            mem_step_patched(pm, clean[0], P)
+        def step(n: int = BATCH) -> None:
+            mem_step_patched(pm, clean[0][:n], P[:, :n])
 
-    # Warm-up: one-time allocations (thread pools, oneDNN/allocator caches) are not
-    # part of a step's peak. Then release the warm-up's freed heap so that the RSS
-    # before the step is only what is live.
-    step()
+    # Warm-up on one prompt (cheap): one-time allocations (thread pools, kernel and
+    # autograd-engine setup) are not part of a step's peak. Then release the warm-up's
+    # freed heap so that the RSS before the step is only what is live.
+    step(1)
     for m in pm.patch_masks.values() if pm is not None else ():
         m.grad = None
     M.trim_heap()
@@ -602,20 +602,21 @@ def main(args: argparse.Namespace) -> int:
         ],
         mrows,
     )
-    print(
-        "  method: fresh process -> build model, inputs, P (and masks) -> one warm-up step ->"
-        " gc + malloc_trim(0)\n  -> read VmRSS -> reset the peak (write 5 to"
-        " /proc/self/clear_refs, which also resets ru_maxrss) -> measured step ->\n"
-        "  growth = ru_maxrss - RSS before. Parameters are frozen in both; the bare run"
-        " makes hook_embed's\n  output require grad so every activation is kept for"
-        " backward; the patched run trains random masks\n  (train_mask_mode). Loss: mean"
-        f" logit of token {TOKEN} at the last position.\n  malloc: default = glibc as"
-        " is (the PASS/FAIL numbers: what a user's process really holds; tensors up\n  to"
-        " 32 MiB come from the heap, whose freed chunks stay resident until reused); mmap ="
-        " same run with\n  MALLOC_MMAP_THRESHOLD_=65536 (each tensor >= 64 KiB is its own"
-        " mapping, unmapped when freed),\n  so the growth is ~ the peak of live tensor bytes,"
-        " without allocator retention."
-    )
+    method = [
+        "method: fresh process -> build model, inputs, P (and masks) -> a warm-up step on 1",
+        "prompt -> gc + malloc_trim(0) -> read VmRSS -> reset the peak (write 5 to",
+        "/proc/self/clear_refs, which also resets ru_maxrss) -> the measured step ->",
+        "growth = ru_maxrss - RSS before. Parameters are frozen in both; the bare run makes",
+        "hook_embed's output require grad so every activation is kept for backward; the",
+        "patched run trains random masks (train_mask_mode). Loss: mean logit of token",
+        f"{TOKEN} at the last position.",
+        "malloc: default = glibc as is (the PASS/FAIL numbers: what a user's process",
+        "really holds; tensors up to 32 MiB come from the heap, whose freed chunks stay",
+        "resident until reused); mmap = the same with MALLOC_MMAP_THRESHOLD_=65536 (each",
+        "tensor >= 64 KiB is its own mapping, unmapped when freed), so the growth is ~ the",
+        "peak of live tensor bytes, without allocator retention.",
+    ]
+    print("\n".join("  " + line for line in method))
     pm_info = mem[("patched", None)]
     print(
         f"  not in the growth (built before): P = {M.fmt_bytes(p_bytes)} per batch of 16"

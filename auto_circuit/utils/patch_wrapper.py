@@ -310,7 +310,7 @@ class PatchEngine:
             assert value is not None
             return lambda: value
         slots = [(g.start - span.start, g.stop - span.start) for g, c in groups if c.requires_grad]
-        layout = (self.seq_len is not None, state.table_shape)
+        layout = (self.seq_len is not None, state.table_shape, batch_masks)
         return lambda: _TableMaskedSum.apply(cols, compute, rows, layout, slots, *currents)
 
     def _fused_deltas(self, site: DestSite, partners: list[DestSite]) -> None:
@@ -470,26 +470,72 @@ class _TableMaskedSum(t.autograd.Function):
         (cols,) = ctx.saved_tensors
         need_mask = ctx.needs_input_grad[0]
         need_currents = any(ctx.needs_input_grad[5:]) and bool(cols.detach().any())
-        grad_cols, grad_rows = None, None
-        with t.enable_grad():
-            m = cols.detach().requires_grad_(need_mask)
-            r = ctx.rows.detach().requires_grad_(need_currents)
-            inputs = [x for x in (m, r) if x.requires_grad]
-            if inputs:
-                grads = t.autograd.grad(ctx.compute(m, r), inputs, grad)
-                grad_cols = grads[0] if need_mask else None
-                grad_rows = grads[-1] if need_currents else None
+        per_position, (batch, seq, d_model), batch_masks = ctx.layout
+        if batch_masks:
+            grad_cols, neg_grad_rows = _autograd_grads(ctx, cols, grad, need_mask, need_currents)
+        else:
+            grad_cols, neg_grad_rows = _direct_grads(
+                cols, ctx.rows, grad, per_position, (batch, seq, d_model), need_mask, need_currents
+            )
         grad_currents = []
-        per_position, (batch, seq, d_model) = ctx.layout
         for (lo, hi), needs in zip(ctx.slots, ctx.needs_input_grad[5:], strict=True):
-            if grad_rows is None or not needs:
+            if neg_grad_rows is None or not needs:
                 grad_currents.append(None)
             elif per_position:
-                g = grad_rows[:, lo:hi].reshape(seq, hi - lo, batch, d_model)
-                grad_currents.append(-g.permute(1, 2, 0, 3))
+                g = neg_grad_rows[:, lo:hi].reshape(seq, hi - lo, batch, d_model)
+                grad_currents.append(g.permute(1, 2, 0, 3))
             else:
-                grad_currents.append(-grad_rows[lo:hi].reshape(hi - lo, batch, seq, d_model))
+                grad_currents.append(neg_grad_rows[lo:hi].view(hi - lo, batch, seq, d_model))
         return (grad_cols, None, None, None, None, *grad_currents)
+
+
+def _direct_grads(
+    cols: Tensor,
+    rows: Tensor,
+    grad: Tensor,
+    per_position: bool,
+    shape: tuple[int, int, int],
+    need_mask: bool,
+    need_rows: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the masked sum for the mask and (negated, as ``d delta / d C``) for the
+    table rows: one matmul each, no recomputation, the sign folded into the small mask."""
+    batch, seq, d_model = shape
+    n = cols.shape[-1]
+    per_dest = grad.reshape(batch, seq, -1, d_model)  # [batch, seq, head, d]
+    n_heads = per_dest.shape[2]
+    grad_cols = neg_grad_rows = None
+    if per_position:
+        m = cols.reshape(seq, n_heads, n)
+        g = per_dest.permute(1, 2, 0, 3).reshape(seq, n_heads, batch * d_model)
+        if need_mask:
+            grad_cols = t.bmm(g, rows.transpose(1, 2)).reshape(cols.shape)
+        if need_rows:
+            neg_grad_rows = t.bmm((-m).transpose(1, 2), g)
+    else:
+        m = cols.reshape(n_heads, n)
+        g = per_dest.permute(2, 0, 1, 3).reshape(n_heads, batch * seq * d_model)
+        if need_mask:
+            grad_cols = (g @ rows.T).reshape(cols.shape)
+        if need_rows:
+            neg_grad_rows = (-m).T @ g
+    return grad_cols, neg_grad_rows
+
+
+def _autograd_grads(
+    ctx: Any, cols: Tensor, grad: Tensor, need_mask: bool, need_rows: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The same gradients through autograd (per-example masks: any layout)."""
+    grad_cols = grad_rows = None
+    with t.enable_grad():
+        m = cols.detach().requires_grad_(need_mask)
+        r = ctx.rows.detach().requires_grad_(need_rows)
+        inputs = [x for x in (m, r) if x.requires_grad]
+        if inputs:
+            grads = t.autograd.grad(ctx.compute(m, r), inputs, grad)
+            grad_cols = grads[0] if need_mask else None
+            grad_rows = -grads[-1] if need_rows else None
+    return grad_cols, grad_rows
 
 
 def _broadcastable(patch_shape: t.Size, current_shape: t.Size) -> bool:
