@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from auto_circuit.errors import CircuitError
 from auto_circuit.types import AblationType, CircuitOutputs, PatchType, PruneScores, TestEdges
-from auto_circuit.utils.ablation_activations import src_ablations
+from auto_circuit.utils.ablation_activations import iter_batch_ablations
 from auto_circuit.utils.graph_utils import edge_counts_util, masks_saved, patch_mode
 from auto_circuit.utils.patchable_model import PatchableModel
 from auto_circuit.utils.tensor_ops import desc_prune_scores
@@ -58,22 +58,14 @@ def run_circuits(
     sizes = {
         k: 0 if thr is None else int((sorted_scores >= thr).sum()) for k, thr in thresholds.items()
     }
-    dataset_patch = (
-        src_ablations(model, dataloader, ablation_type) if ablation_type.needs_dataloader else None
-    )
+    run_clean = (patch_type == PatchType.TREE_PATCH) != reverse_clean_corrupt
     outputs: CircuitOutputs = {size: {} for size in sizes.values()}
     total = len(dataloader) * len(thresholds)
     progress = tqdm(total=total, desc="run_circuits", disable=not show_progress or total < 20)
     with masks_saved(model), t.no_grad():
-        for batch in dataloader:
-            run_clean = (patch_type == PatchType.TREE_PATCH) != reverse_clean_corrupt
+        patch_from = "corrupt" if run_clean else "clean"
+        for batch, patch in iter_batch_ablations(model, dataloader, ablation_type, patch_from):
             inputs = batch.clean if run_clean else batch.corrupt
-            patch_from = batch.corrupt if run_clean else batch.clean
-            patch = (
-                dataset_patch
-                if dataset_patch is not None
-                else src_ablations(model, patch_from, ablation_type)
-            )
             with patch_mode(model, patch):
                 for k, threshold in thresholds.items():
                     masks = circuit_masks(prune_scores, threshold, patch_type)

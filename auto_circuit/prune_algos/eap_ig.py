@@ -31,7 +31,7 @@ from auto_circuit.prune_algos.mask_gradient import (
     apply_grad_function,
 )
 from auto_circuit.types import AblationType, PruneScores
-from auto_circuit.utils.ablation_activations import src_ablations, src_outs
+from auto_circuit.utils.ablation_activations import iter_batch_ablations, src_outs
 from auto_circuit.utils.graph_utils import (
     delta_patch_mode,
     patch_mode,
@@ -89,17 +89,9 @@ def eap_ig_prune_scores(
         raise CircuitError(
             f"method must be 'inputs', 'activations' or 'clean-corrupted', got {method!r}."
         )
-    dataset_ablation = (
-        src_ablations(model, dataloader, ablation_type) if ablation_type.needs_dataloader else None
-    )
     scores = model.new_prune_scores()
     with train_mask_mode(model) as masks:
-        for batch in dataloader:
-            ablated = (
-                dataset_ablation
-                if dataset_ablation is not None
-                else src_ablations(model, batch.corrupt, ablation_type)
-            )
+        for batch, ablated in iter_batch_ablations(model, dataloader, ablation_type):
             if method == "activations":
                 _activation_paths(
                     model, batch, ablated, steps, grad_function, answer_function, scores

@@ -7,6 +7,8 @@ only edge ``i`` ablated.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch as t
 from tqdm.auto import tqdm
 
@@ -15,22 +17,12 @@ from auto_circuit.prune_algos.mask_gradient import (
     AnswerFunction,
     GradFunction,
     apply_grad_function,
+    per_prompt_metric,
 )
 from auto_circuit.types import AblationType, PruneScores
-from auto_circuit.utils.ablation_activations import src_ablations
+from auto_circuit.utils.ablation_activations import iter_batch_ablations
 from auto_circuit.utils.graph_utils import patch_mode, set_mask_batch_size
 from auto_circuit.utils.patchable_model import PatchableModel
-from auto_circuit.utils.tensor_ops import answer_values
-
-
-def _per_prompt_metric(vals: t.Tensor, answers, wrong_answers, answer_function: str) -> t.Tensor:
-    if answer_function == "avg_diff":
-        return answer_values(vals, answers) - answer_values(vals, wrong_answers)
-    if answer_function == "avg_val":
-        return answer_values(vals, answers)
-    raise CircuitError(
-        f"exact patching supports answer_function 'avg_diff' or 'avg_val', got {answer_function!r}."
-    )
 
 
 def exact_patching_prune_scores(
@@ -58,26 +50,14 @@ def exact_patching_prune_scores(
     ]
     scores = model.new_prune_scores()
     flat_scores = {name: s.view(-1) for name, s in scores.items()}
-    dataset_ablation = (
-        src_ablations(model, dataloader, ablation_type) if ablation_type.needs_dataloader else None
-    )
     total = len(dataloader) * ((len(flat_index) + edges_per_forward - 1) // edges_per_forward)
     progress = tqdm(total=total, desc="exact patching", disable=not show_progress or total < 20)
     with t.no_grad():
-        for batch in dataloader:
+        for batch, patch in iter_batch_ablations(model, dataloader, ablation_type):
             n = batch.clean.shape[0]
-            patch = (
-                dataset_ablation
-                if dataset_ablation is not None
-                else src_ablations(model, batch.corrupt, ablation_type)
-            )
             clean_out = model(batch.clean)[model.out_slice]
-            clean_metric = _per_prompt_metric(
-                apply_grad_function(clean_out, grad_function),
-                batch.answers,
-                batch.wrong_answers,
-                answer_function,
-            ).mean()
+            clean_vals = apply_grad_function(clean_out, grad_function)
+            clean_metric = per_prompt_metric(clean_vals, batch, answer_function).mean()
             for start in range(0, len(flat_index), edges_per_forward):
                 chunk = flat_index[start : start + edges_per_forward]
                 k = len(chunk)
@@ -87,12 +67,13 @@ def exact_patching_prune_scores(
                     for i, (name, idx) in enumerate(chunk):
                         model.patch_masks[name].view(k * n, -1)[i * n : (i + 1) * n, idx] = 1.0
                     out = model(inputs)[model.out_slice]
-                answers = _repeat_answers(batch.answers, k)
-                wrong = _repeat_answers(batch.wrong_answers, k)
-                metric = _per_prompt_metric(
-                    apply_grad_function(out, grad_function), answers, wrong, answer_function
+                copies = SimpleNamespace(
+                    answers=_repeat_answers(batch.answers, k),
+                    wrong_answers=_repeat_answers(batch.wrong_answers, k),
                 )
-                per_edge = metric.view(k, n).mean(dim=1)
+                vals = apply_grad_function(out, grad_function)
+                metric = per_prompt_metric(vals, copies, answer_function)
+                per_edge = metric.reshape(k, -1).mean(dim=1)
                 for (name, idx), value in zip(
                     chunk, (clean_metric - per_edge).tolist(), strict=True
                 ):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from auto_circuit.errors import CircuitError
 from auto_circuit.types import AblationType, Edge, PruneScores
-from auto_circuit.utils.ablation_activations import src_ablations
+from auto_circuit.utils.ablation_activations import iter_batch_ablations
 from auto_circuit.utils.graph_utils import (
     patch_mode,
     set_all_masks,
@@ -111,17 +111,10 @@ def mask_gradient_prune_scores(
         n = integrated_grad_samples
         assert n is not None
         points = [(k / n, (0.5 if k in (0, n) else 1.0) / n) for k in range(n + 1)]
-    dataset_ablation = (
-        src_ablations(model, dataloader, ablation_type) if ablation_type.needs_dataloader else None
-    )
+    source = "corrupt" if clean_corrupt == "corrupt" else "clean"
     scores = model.new_prune_scores()
     with train_mask_mode(model) as masks:
-        for batch in dataloader:
-            if dataset_ablation is not None:
-                patch = dataset_ablation
-            else:
-                source = batch.corrupt if clean_corrupt == "corrupt" else batch.clean
-                patch = src_ablations(model, source, ablation_type)
+        for batch, patch in iter_batch_ablations(model, dataloader, ablation_type, source):
             with patch_mode(model, patch):
                 for value, weight in points:
                     set_all_masks(model, value)
@@ -166,16 +159,9 @@ def mask_gradient_per_example_scores(
     respect to its own copy of the masks (``set_mask_batch_size``). Averaging them over
     the prompts of a batch gives that batch's ``mask_gradient_prune_scores``.
     """
-    dataset_ablation = (
-        src_ablations(model, dataloader, ablation_type) if ablation_type.needs_dataloader else None
-    )
+    source = "corrupt" if clean_corrupt == "corrupt" else "clean"
     results: dict[int, PruneScores] = {}
-    for batch in dataloader:
-        if dataset_ablation is not None:
-            patch = dataset_ablation
-        else:
-            source = batch.corrupt if clean_corrupt == "corrupt" else batch.clean
-            patch = src_ablations(model, source, ablation_type)
+    for batch, patch in iter_batch_ablations(model, dataloader, ablation_type, source):
         n_prompts = batch.clean.shape[0]
         with set_mask_batch_size(model, n_prompts), train_mask_mode(model) as masks:
             with patch_mode(model, patch):

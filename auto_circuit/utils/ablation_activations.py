@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch as t
 from torch import Tensor
@@ -121,12 +121,29 @@ def batch_src_ablations(
     ``clean_corrupt`` chooses which prompts of each batch the per-batch ablations are
     computed on. Dataset means are computed once and shared by every batch.
     """
-    if ablation_type.needs_dataloader:
-        mean = src_ablations(model, dataloader, ablation_type)
-        return {batch.key: mean for batch in dataloader}
+    source = clean_corrupt if clean_corrupt is not None else "corrupt"
+    return {
+        batch.key: patch
+        for batch, patch in iter_batch_ablations(model, dataloader, ablation_type, source)
+    }
+
+
+def iter_batch_ablations(
+    model: PatchableModel,
+    dataloader,
+    ablation_type: AblationType = AblationType.RESAMPLE,
+    clean_corrupt: Literal["clean", "corrupt"] = "corrupt",
+) -> Iterator[tuple[Any, Tensor]]:
+    """``(batch, patch values)`` for every batch, computed as they are needed (no copy
+    of the whole dataset's activations): a dataset mean once for all batches, otherwise
+    the ablation of each batch's ``clean_corrupt`` prompts."""
     if clean_corrupt not in ("clean", "corrupt"):
         raise CircuitError(f"clean_corrupt must be 'clean' or 'corrupt', got {clean_corrupt!r}.")
-    return {
-        batch.key: src_ablations(model, getattr(batch, clean_corrupt), ablation_type)
-        for batch in dataloader
-    }
+    shared = (
+        src_ablations(model, dataloader, ablation_type) if ablation_type.needs_dataloader else None
+    )
+    for batch in dataloader:
+        if shared is not None:
+            yield batch, shared
+        else:
+            yield batch, src_ablations(model, getattr(batch, clean_corrupt), ablation_type)
