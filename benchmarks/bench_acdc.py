@@ -16,6 +16,9 @@ counts the time other processes hold the cores; wall times are printed too):
 3. the same with one candidate per forward (``K=1``, the reference's schedule, still
    starting at the destination's block), which must find the same circuits.
 
+Edges tested include those decided without a forward: reused from an earlier tau, or
+into a destination already cut off from the output (ACDC's module docstring).
+
 Per edge tested: forwards of the dataset (model calls / batches), the compute counted by
 ACDC (rows x blocks run, in full forwards of the dataset), and the timed
 forward-equivalents ``T / E / T_fwd`` (1.0 is one bare forward of the dataset per edge,
@@ -133,7 +136,8 @@ def main() -> None:
         dataset_forwards = result.n_forwards / len(loader) / result.n_edges_tested
         print(
             f"{name:>4}: {cpu:6.2f} s CPU ({wall:.2f} s wall); {result.n_edges_tested} edges "
-            f"tested ({result.n_reused} reused from an earlier tau); {result.n_evaluations} "
+            f"tested ({result.n_reused} reused from an earlier tau, {result.n_skipped} into "
+            f"destinations cut off from the output); {result.n_evaluations} "
             f"evaluations = {result.n_forwards} forwards of a batch, {result.n_rows} candidate "
             f"rows. Per edge: {dataset_forwards:.4f} forwards of the dataset, "
             f"{result.forward_equivalents_per_edge:.3f} forward-equivalents counted, "

@@ -308,10 +308,31 @@ def test_start_at_block_saves_compute_and_batching_saves_forwards():
     n_batches = len(loader)
     # One forward per batch per edge, each starting at the destination's block: edges
     # into block 1 (most of them) run half the model.
-    assert one.n_forwards == n_batches * (pm.n_edges + 1)
+    assert one.n_forwards == n_batches * (pm.n_edges - one.n_skipped + 1)
     assert one.forward_equivalents_per_edge < 0.75
-    assert many.n_forwards <= n_batches * 8
-    assert many.n_rows >= pm.n_edges
+    assert many.n_forwards * 2 < one.n_forwards
+    assert many.n_skipped == one.n_skipped > 0
+    assert many.n_rows >= pm.n_edges - many.n_skipped
+
+
+@pytest.mark.parametrize("graph", ["qkv", "attn_in", "parallel"])
+def test_edges_into_destinations_cut_off_from_the_output_are_skipped(graph):
+    """An edge into a head or MLP none of whose outgoing edges the circuit kept is removed
+    without a forward: exactly those edges, counted from the final circuit's Edge objects."""
+    pm, loader = tl_setup(**GRAPHS[graph])
+    result = run_acdc(pm, loader, tao_exps=[-3], show_progress=False)
+    removed = set(removed_edges(pm, result, 0))
+    kept_srcs = {e.src.name for e in pm.edges if e not in removed}
+    owners = {s.name for s in pm.srcs}
+
+    def owner(dest_name: str) -> str | None:
+        name = dest_name[:-2] if dest_name.endswith((".Q", ".K", ".V")) else dest_name
+        return name if name in owners else None
+
+    cut_off = [e for e in pm.edges if owner(e.dest.name) not in (None, *kept_srcs)]
+    assert cut_off and all(e in removed for e in cut_off)
+    assert result.n_skipped == len(cut_off)
+    assert result.n_rows < pm.n_edges - len(cut_off) + 10  # skipped edges take no rows
 
 
 # ---- determinism and resumption --------------------------------------------------------

@@ -47,6 +47,16 @@ same order, so while a tau's decisions so far equal an earlier tau's, its circui
 that tau's circuit and the metric of the next candidate is already known: it is
 reused, without a forward.
 
+Destinations that no longer reach the output. In a factorized graph a node's output
+reaches the rest of the model only through its outgoing edges. Once every outgoing
+edge of a head or MLP is removed (at the token positions its input feeds: the same
+position for a query or an MLP, that and every later one for a key or value), its
+input no longer changes the output at all, so removing any of its incoming edges
+changes the metric by exactly 0 and is accepted without a forward (the paper's
+implementation likewise skips nodes no longer connected to the output). These
+decisions are counted in ``n_skipped``; as edges are visited by descending destination
+layer, a node's outgoing edges are all decided before its incoming ones.
+
 Starting at a block. For TransformerLens models each forward starts at block ``l``, the
 lowest block holding a destination whose mask is non-zero in any block of rows, from
 the clean residual stream cached at that block's input (``start_at_layer=l``), with the
@@ -89,7 +99,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from auto_circuit.errors import CircuitError
-from auto_circuit.types import AblationType, Edge, PruneScores
+from auto_circuit.types import AblationType, DestNode, Edge, PruneScores
 from auto_circuit.utils.ablation_activations import src_ablations, src_outs
 from auto_circuit.utils.graph_utils import masks_saved, patch_mode, set_all_masks
 from auto_circuit.utils.patchable_model import PatchableModel
@@ -125,12 +135,13 @@ class AcdcResult:
     ``final_values[i]`` the metric of that circuit; ``base_value`` the full model's.
 
     Cost counters: ``n_edges_tested`` decisions, ``n_reused`` of them taken from an
-    earlier tau whose circuit was the same so far; ``n_evaluations`` rounds of candidates
-    (each one forward per batch); ``n_forwards`` model calls; ``n_rows`` candidates
-    evaluated (decisions plus those wasted after a wrong guess); ``forward_equivalents``
-    the compute of all of them in units of one full forward over the whole dataset
-    (rows / prompts x blocks run / blocks). Setup forwards (clean run, ablations) are
-    not counted.
+    earlier tau whose circuit was the same so far, ``n_skipped`` of them into a
+    destination that no longer reaches the output (module docstring);
+    ``n_evaluations`` rounds of candidates (each one forward per batch); ``n_forwards``
+    model calls; ``n_rows`` candidates evaluated (decisions plus those wasted after a
+    wrong guess); ``forward_equivalents`` the compute of all of them in units of one
+    full forward over the whole dataset (rows / prompts x blocks run / blocks). Setup
+    forwards (clean run, ablations) are not counted.
     """
 
     prune_scores: PruneScores
@@ -141,6 +152,7 @@ class AcdcResult:
     base_value: float
     n_edges_tested: int
     n_reused: int
+    n_skipped: int
     n_evaluations: int
     n_forwards: int
     n_rows: int
@@ -161,6 +173,8 @@ class _EdgeOrder:
     module_id: list[int]
     local_idx: list[int]
     block: list[int]  # -1: unknown block, run the full forward
+    dest: list[DestNode]
+    seq_pos: list[int]  # the edge's token position (-1: all positions)
 
     def __len__(self) -> int:
         return len(self.module_id)
@@ -209,6 +223,7 @@ class _State:
     last_decision: bool = False
     n_edges_tested: int = 0
     n_reused: int = 0
+    n_skipped: int = 0
     n_evaluations: int = 0
     n_forwards: int = 0
     n_rows: int = 0
@@ -389,6 +404,7 @@ class _Search:
         self.state_path = state_path
         self.save_every = save_every
         self.since_save = 0
+        self.liveness = _Liveness(model, order) if model.is_factorized else None
 
     def run(self, show_progress: bool) -> None:
         state, n_edges = self.state, len(self.order)
@@ -414,6 +430,8 @@ class _Search:
         state, order, tau = self.state, self.order, self.taus[self.state.tau_idx]
         ti = state.tau_idx
         set_all_masks(self.model, 0.0)
+        if self.liveness is not None:
+            self.liveness.reset()
         if state.base_value is None:
             state.base_value = self.evaluator.evaluate(order, [], [], state)[0]
         decided = state.decisions[ti, : state.pos].clone()
@@ -435,15 +453,22 @@ class _Search:
                 state.n_reused += 1
                 progress.update(1)
                 continue
-            chunk = _chunk(order, state.pos, self.k_max)
+            if self.skip_if_unreachable(state.pos, current, tau):
+                progress.update(1)
+                continue
+            chunk = _chunk(order, state.pos, self.k_max, self.liveness)
             guesses = _guesses(chunk, state, tau)
             values = self.evaluator.evaluate(order, chunk, guesses, state)
             state.n_evaluations += 1
             _update_estimates(chunk, guesses, values, current, state)
             n_decided = 0
             for k, pos in enumerate(chunk):
-                accept = self.decide(pos, values[k], current, tau)
-                current = values[k] if accept else current
+                # Earlier decisions of this walk may have cut the destination off.
+                if k > 0 and self.skip_if_unreachable(pos, current, tau):
+                    accept = True
+                else:
+                    accept = self.decide(pos, values[k], current, tau)
+                    current = values[k] if accept else current
                 n_decided += 1
                 if accept != guesses[k]:
                     break
@@ -464,6 +489,15 @@ class _Search:
         state.last_decision = accept
         return accept
 
+    def skip_if_unreachable(self, pos: int, current: float, tau: float) -> bool:
+        """Remove the edge at ``pos`` without a forward if its destination no longer
+        reaches the output (its removal changes the metric by exactly 0)."""
+        if self.liveness is None or not self.liveness.is_cut_off(pos, self.state.pos):
+            return False
+        assert self.decide(pos, current, current, tau)  # 0 < tau
+        self.state.n_skipped += 1
+        return True
+
     def save(self, force: bool = False) -> None:
         self.since_save += 1
         if self.state_path is not None and (force or self.since_save >= self.save_every):
@@ -471,15 +505,96 @@ class _Search:
             self.since_save = 0
 
 
-def _chunk(order: _EdgeOrder, pos: int, k_max: int) -> list[int]:
+def _chunk(order: _EdgeOrder, pos: int, k_max: int, liveness: _Liveness | None = None) -> list[int]:
     """The next candidates: up to ``k_max`` from ``pos``, all into one block (so that
-    candidates of later blocks do not pay for running earlier ones)."""
+    candidates of later blocks do not pay for running earlier ones), stopping before an
+    edge into a destination cut off from the output (it needs no forward) or one that
+    this chunk's own decisions may still cut off."""
     stop = min(pos + k_max, len(order))
     block = order.block[pos]
     end = pos + 1
-    while end < stop and order.block[end] == block:
+    while (
+        end < stop
+        and order.block[end] == block
+        and (liveness is None or liveness.settled(end, pos) and not liveness.is_cut_off(end, pos))
+    ):
         end += 1
     return list(range(pos, end))
+
+
+class _Liveness:
+    """Whether an edge's destination still reaches the output in the current circuit
+    (the model's masks: 1 = removed), for factorized graphs (module docstring)."""
+
+    def __init__(self, model: PatchableModel, order: _EdgeOrder):
+        self.model = model
+        self.order = order
+        engine = model.engine
+        src_by_name = {src.name: src.src_idx for src in model.srcs}
+        # Readers of each source: (mask module, column), and the last order position
+        # of an edge out of it (until then some outgoing edge is undecided, so kept).
+        self.readers: dict[int, list[tuple[str, int]]] = {}
+        for site in engine.dest_sites.values():
+            for j in site.in_srcs:
+                self.readers.setdefault(j, []).append((site.module_name, j - site.in_srcs.start))
+        n_in = [len(engine.dest_sites[name].in_srcs) for name in order.modules]
+        first = [engine.dest_sites[name].in_srcs.start for name in order.modules]
+        module_id = t.tensor(order.module_id)
+        src_of_pos = (
+            t.tensor(first)[module_id] + t.tensor(order.local_idx) % t.tensor(n_in)[module_id]
+        )
+        self.last_out_pos = t.full((len(model.srcs),), -1, dtype=t.long)
+        self.last_out_pos.scatter_reduce_(
+            0, src_of_pos, t.arange(len(order)), reduce="amax", include_self=True
+        )
+        self.owner: dict[str, int] = {}
+        for dest in set(order.dest):
+            name = dest.name
+            if name.endswith((".Q", ".K", ".V")):
+                name = name[:-2]
+            if name in src_by_name:
+                self.owner[dest.name] = src_by_name[name]
+        self.cut_off: dict[tuple[str, int], bool] = {}  # final answers, this circuit
+
+    def settled(self, pos: int, n_decided: int) -> bool:
+        """Whether every outgoing edge of the node fed by the edge at ``pos`` lies among
+        the first ``n_decided`` order positions (so whether it is cut off is known)."""
+        src = self.owner.get(self.order.dest[pos].name)
+        return src is None or int(self.last_out_pos[src]) < n_decided
+
+    def is_cut_off(self, pos: int, n_decided: int) -> bool:
+        """Whether the edge at ``pos`` feeds a destination cut off from the output, given
+        the decisions at the first ``n_decided`` order positions."""
+        order = self.order
+        dest = order.dest[pos]
+        src = self.owner.get(dest.name)
+        if src is None or not self.settled(pos, n_decided):
+            return False  # the output itself, or an outgoing edge still undecided (kept)
+        key = (dest.name, order.seq_pos[pos])
+        if key not in self.cut_off:
+            self.cut_off[key] = not self._reaches_output(src, dest, order.seq_pos[pos])
+        return self.cut_off[key]
+
+    def reset(self) -> None:
+        """Forget the answers (a new circuit: the next tau)."""
+        self.cut_off.clear()
+
+    def _reaches_output(self, src: int, dest: DestNode, seq_pos: int) -> bool:
+        """Whether source ``src`` (the node ``dest`` feeds) keeps an outgoing edge at the
+        positions ``dest``'s input at ``seq_pos`` influences."""
+        if seq_pos < 0:
+            positions = slice(None)
+        elif dest.name.endswith(".Q") or dest.head_idx is None:
+            positions = slice(seq_pos, seq_pos + 1)  # a query, an MLP: this position only
+        else:
+            positions = slice(seq_pos, None)  # keys, values: this and later positions
+        for module_name, col in self.readers.get(src, []):
+            kept = self.model.patch_masks[module_name][..., col] == 0
+            if seq_pos >= 0:
+                kept = kept[positions]
+            if bool(kept.any()):
+                return True
+        return False
 
 
 def _guesses(chunk: Sequence[int], state: _State, tau: float) -> list[bool]:
@@ -536,6 +651,8 @@ def _edge_order(model: PatchableModel) -> _EdgeOrder:
     module_id: list[int] = []
     local_idx: list[int] = []
     block: list[int] = []
+    dests: list[DestNode] = []
+    seq_pos: list[int] = []
     for dest in sorted(
         model.dests,
         key=lambda d: (-d.layer, d.module_name, -1 if d.head_idx is None else d.head_idx),
@@ -552,8 +669,11 @@ def _edge_order(model: PatchableModel) -> _EdgeOrder:
         local_idx += flat
         module_id += [module_ids[dest.module_name]] * len(flat)
         block += [blocks.get(dest.module_name, -1)] * len(flat)
+        dests += [dest] * len(flat)
+        seq = model.seq_len
+        seq_pos += [i % seq for i in range(len(flat))] if seq else [-1] * len(flat)
     assert len(local_idx) == total == model.n_edges
-    return _EdgeOrder(modules, offsets, module_id, local_idx, block)
+    return _EdgeOrder(modules, offsets, module_id, local_idx, block, dests, seq_pos)
 
 
 def _block_owner(model: PatchableModel) -> dict[int, int] | None:
@@ -982,6 +1102,7 @@ def _result(
         base_value=state.base_value,
         n_edges_tested=state.n_edges_tested,
         n_reused=state.n_reused,
+        n_skipped=state.n_skipped,
         n_evaluations=state.n_evaluations,
         n_forwards=state.n_forwards,
         n_rows=state.n_rows,
