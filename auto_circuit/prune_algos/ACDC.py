@@ -38,7 +38,8 @@ chunk starts at ``k + 1`` from the updated circuit. By induction every decision 
 the sequential one, whatever the guesses; each chunk makes at least one. The guesses
 only decide the speed: a candidate is guessed accepted when its last measured increase
 (from an earlier chunk, possibly against a slightly older circuit, or an earlier tau)
-is below ``tau``, else like the last decision (decisions come in runs). (In floating
+is below ``tau``, or when it was never measured (most edges are removed); after a
+wrong guess the next chunk is half as long, after a right one twice (up to ``K``). (In floating
 point a metric computed in a ``K * B`` batch may differ from a ``B`` batch by rounding,
 so the two can differ only where an increase lies within rounding of ``tau``.)
 
@@ -220,7 +221,6 @@ class _State:
     tau_idx: int = 0
     pos: int = 0
     base_value: float | None = None
-    last_decision: bool = False
     n_edges_tested: int = 0
     n_reused: int = 0
     n_skipped: int = 0
@@ -401,6 +401,7 @@ class _Search:
         self.state = state
         self.taus = taus
         self.k_max = k_max
+        self.k_next = k_max
         self.state_path = state_path
         self.save_every = save_every
         self.since_save = 0
@@ -418,7 +419,7 @@ class _Search:
                 while state.tau_idx < len(self.taus):
                     self.run_tau(progress)
                     state.tau_idx += 1
-                    state.pos, state.last_decision = 0, False
+                    state.pos = 0
                     self.save(force=True)
             except BaseException:
                 # Interrupted (Ctrl-C, an error): keep the progress made. Decisions are
@@ -456,7 +457,7 @@ class _Search:
             if self.skip_if_unreachable(state.pos, current, tau):
                 progress.update(1)
                 continue
-            chunk = _chunk(order, state.pos, self.k_max, self.liveness)
+            chunk = _chunk(order, state.pos, self.k_next, self.liveness)
             guesses = _guesses(chunk, state, tau)
             values = self.evaluator.evaluate(order, chunk, guesses, state)
             state.n_evaluations += 1
@@ -472,6 +473,10 @@ class _Search:
                 n_decided += 1
                 if accept != guesses[k]:
                     break
+            # Rows after a wrong guess are wasted: shrink the chunks while guesses fail,
+            # grow them back while they hold.
+            wrong = n_decided < len(chunk) or accept != guesses[-1]
+            self.k_next = max(1, self.k_next // 2) if wrong else min(self.k_max, 2 * self.k_next)
             progress.update(n_decided)
             self.save()
 
@@ -486,7 +491,6 @@ class _Search:
             _set_mask(self.model, self.order, pos, 1.0)
         state.pos = pos + 1
         state.n_edges_tested += 1
-        state.last_decision = accept
         return accept
 
     def skip_if_unreachable(self, pos: int, current: float, tau: float) -> bool:
@@ -599,11 +603,11 @@ class _Liveness:
 
 def _guesses(chunk: Sequence[int], state: _State, tau: float) -> list[bool]:
     """Predicted decisions (they only affect speed): accept where the edge's last
-    measured increase is below ``tau``, else repeat the last decision."""
+    measured increase is below ``tau`` or it was never measured (most edges go)."""
     guesses = []
     for pos in chunk:
         estimate = float(state.estimates[pos])
-        guesses.append(state.last_decision if math.isnan(estimate) else estimate < tau)
+        guesses.append(math.isnan(estimate) or estimate < tau)
     return guesses
 
 
@@ -1061,6 +1065,7 @@ def _load_state(path: str | Path, fingerprint: dict[str, Any]) -> _State:
             "faithfulness_target and ablation_type, or start afresh (resume_from=None)."
         )
     data.pop("version")
+    data.pop("last_decision", None)  # written by earlier versions, no longer used
     return _State(**data)
 
 
