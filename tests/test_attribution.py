@@ -58,6 +58,24 @@ def test_mask_gradient_equals_activation_gradient_eap(grad_function, answer_func
     assert not any(m.requires_grad or m.any() for m in pm.patch_masks.values())
 
 
+@pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre", None])
+@pytest.mark.parametrize("separate_qkv", [True, False])
+def test_mask_gradient_at_zero_masks_for_every_normalisation(norm, separate_qkv):
+    """At all-zero masks the q/k/v deltas get their gradient in closed form (no rebuild);
+    it equals the hook-based EAP and the general rebuild just off zero."""
+    model = make_tl_model(normalization_type=norm, positional_embedding_type="rotary", rotary_dim=4)
+    pm = patchable_model(model, True, slice_output="last_seq", separate_qkv=separate_qkv)
+    loader = token_loader()
+    at_zero = mask_gradient_prune_scores(pm, loader, None, "logprob", "avg_diff", mask_val=0.0)
+    reference = edge_attribution_patching_prune_scores(pm, loader, None, "logprob", "avg_diff")
+    scale = max(float(s.abs().max()) for s in reference.values())
+    assert scale > 1e-3
+    # float32 rounding relative to the largest score (up to ~20 here, without norm weights)
+    assert_scores_close(at_zero, reference, atol=2e-5 * scale)
+    off_zero = mask_gradient_prune_scores(pm, loader, None, "logprob", "avg_diff", mask_val=1e-9)
+    assert_scores_close(at_zero, off_zero, atol=2e-5 * scale)
+
+
 def test_mask_gradient_equals_eap_per_position_and_node_graph():
     loader = token_loader()
     for kwargs in ({"factorized": True, "seq_len": 6, "separate_qkv": True}, {"factorized": False}):

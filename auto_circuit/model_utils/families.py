@@ -31,10 +31,28 @@ from auto_circuit.types import DestNode, SrcNode
 ReadSources = Callable[[Tensor], Tensor]
 """Hooked module output -> ``[n_src, batch, seq, d_model]`` source contributions."""
 
-ApplyDelta = Callable[[Tensor, Callable[[], Tensor], Mapping[str, Tensor]], Tensor]
-"""(hooked tensor, a function computing the delta, probe outputs of this forward) ->
-patched tensor. The delta is a function so that a family can recompute it inside an
-activation checkpoint instead of keeping per-head copies for the backward pass."""
+
+@dataclass(frozen=True)
+class Delta:
+    """A destination's patch delta ``[batch, seq, (head,) d_model]``, computed on call.
+
+    A function rather than a tensor so that a family can recompute it inside an
+    activation checkpoint instead of keeping per-head copies for the backward pass.
+    ``is_zero``: every mask of the destination is 0 in this forward (mask-gradient
+    attribution), so the value is 0 and only its gradient matters; a family may then
+    keep the hooked tensor and give the delta its gradient directly.
+    """
+
+    compute: Callable[[], Tensor]
+    is_zero: bool = False
+
+    def __call__(self) -> Tensor:
+        return self.compute()
+
+
+ApplyDelta = Callable[[Tensor, Delta, Mapping[str, Tensor]], Tensor]
+"""(hooked tensor, the destination's ``Delta``, probe outputs of this forward) ->
+patched tensor."""
 
 
 @dataclass(frozen=True)

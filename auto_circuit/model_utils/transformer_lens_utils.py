@@ -30,6 +30,7 @@ output for every later reader.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
@@ -41,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from auto_circuit.errors import CircuitError
 from auto_circuit.model_utils.families import (
     ApplyDelta,
+    Delta,
     DestHook,
     DestSite,
     FamilyGraph,
@@ -247,12 +249,15 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
     With gradients on, the rebuild runs under an activation checkpoint: the per-head
     ``[batch, seq, head, d_model]`` inputs and their normalised copies are recomputed in
     the backward pass instead of being kept, so memory stays near the bare model's.
+    When every mask of the destination is 0 (mask-gradient attribution) nothing is
+    rebuilt: the block's own q/k/v are kept and the delta gets its gradient in closed
+    form (``_ZeroDeltaProjection``).
     """
     attn: Any = block.attn
     ln1 = _fused_norm(block.ln1)
     probe = f"blocks.{block_idx}.hook_resid_pre"
 
-    def rebuild(resid: Tensor, delta: Callable[[], Tensor]) -> Tensor:
+    def rebuild(resid: Tensor, delta: Delta) -> Tensor:
         # Head-major [head, batch, seq, d]: the engine's matmul output is laid out so,
         # and the per-head projection is then one bmm with no transposing copies.
         per_head = delta().permute(2, 0, 1, 3)
@@ -264,14 +269,97 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
         return out + getattr(attn, f"b_{letter}")
 
     def apply(
-        hooked: Tensor, delta: Callable[[], Tensor], probes: Mapping[str, Tensor]
+        hooked: Tensor, delta: Delta, probes: Mapping[str, Tensor]
     ) -> Float[Tensor, "batch seq head d_head"]:
         resid = probes[probe]
+        norm = _norm_form(block.ln1)
+        if delta.is_zero and norm is not None:
+            weight, bias = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
+            return hooked + _ZeroDeltaProjection.apply(delta(), resid, hooked, weight, bias, norm)
         if t.is_grad_enabled():
             return checkpoint(rebuild, resid, delta, use_reentrant=False)
         return rebuild(resid, delta)
 
     return apply
+
+
+@dataclass(frozen=True)
+class _NormForm:
+    """A pre-norm ``(x - mean(x) if centered else x) / sqrt(mean(.^2) + eps) * w + b``."""
+
+    centered: bool
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+
+def _norm_form(norm: Any) -> _NormForm | None:
+    """The formula of a TransformerLens normalisation module (None: unknown kind)."""
+    kind = type(norm).__name__
+    eps = float(getattr(norm, "eps", 1e-5))
+    if kind == "LayerNorm":
+        return _NormForm(True, norm.w, norm.b, eps)
+    if kind == "LayerNormPre":
+        return _NormForm(True, None, None, eps)
+    if kind == "RMSNorm":
+        return _NormForm(False, norm.w, None, eps)
+    if kind == "RMSNormPre":
+        return _NormForm(False, None, None, eps)
+    return None
+
+
+class _ZeroDeltaProjection(t.autograd.Function):
+    """``q(delta) - q(0)`` at ``delta = 0`` for ``q(delta) = norm(resid + delta_h) W_h + b_h``:
+    the value 0 (``[batch, seq, head, d_head]``, not computed) and, in backward, the exact
+    gradient for each head's delta ``[batch, seq, head, d_model]``, from the block's own
+    ``q(0)`` (``hooked``) instead of a per-head rebuild. With ``x`` the (centred) residual,
+    ``s = 1 / sqrt(mean(x^2) + eps)``, ``W'_h = w * W_h``, ``u_h = 1^T W'_h`` and
+    ``k_h = b W_h + b_h``::
+
+        d/d delta_h = s (W'_h g - [centred] (u_h . g) / d_model)
+                      - x s^2 ((q_h(0) - k_h) . g) / d_model
+
+    The residual's own gradient flows through ``hooked``; this adds none (the difference
+    is 0 for every residual)."""
+
+    @staticmethod
+    def forward(ctx, delta, resid, hooked, weight, bias, norm):  # type: ignore[override]
+        ctx.save_for_backward(resid, hooked)
+        ctx.weight, ctx.bias, ctx.norm, ctx.delta_dtype = weight, bias, norm, delta.dtype
+        return hooked.new_zeros(()).expand(hooked.shape)
+
+    @staticmethod
+    @t.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        resid, hooked = ctx.saved_tensors
+        norm: _NormForm = ctx.norm
+        with t.no_grad():
+            x = resid.float()
+            batch, seq, d_model = x.shape
+            if norm.centered:
+                x = x - x.mean(-1, keepdim=True)
+            scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).rsqrt().view(1, -1, 1)
+            weight = ctx.weight.detach().float()  # [head, d_model, d_head]
+            n_heads = weight.shape[0]
+            scaled = weight
+            if norm.weight is not None:
+                scaled = weight * norm.weight.detach().float()[None, :, None]
+            shift = ctx.bias.detach().float()  # [head, d_head]
+            if norm.bias is not None:
+                shift = shift + t.einsum("d,hde->he", norm.bias.detach().float(), weight)
+            g = grad.float().permute(2, 0, 1, 3).reshape(n_heads, batch * seq, -1)
+            out = t.bmm(g, scaled.transpose(1, 2))  # [head, batch*seq, d_model]
+            out.mul_(scale)
+            if norm.centered:
+                mean_term = t.einsum("hne,he->hn", g, scaled.sum(1)).unsqueeze(-1)
+                out.sub_(mean_term.mul_(scale / d_model))
+            q0 = (hooked.float() - shift[None, None]).permute(2, 0, 1, 3).reshape_as(g)
+            coef = (q0 * g).sum(-1, keepdim=True).mul_(scale.square() / d_model)
+            out.addcmul_(x.view(1, batch * seq, d_model), coef, value=-1.0)
+            out = out.view(n_heads, batch, seq, d_model).permute(1, 2, 0, 3)
+        return out.to(ctx.delta_dtype), None, None, None, None, None
 
 
 def _fused_norm(norm: Any) -> Callable[[Tensor], Tensor]:
@@ -299,7 +387,7 @@ def _fused_norm(norm: Any) -> Callable[[Tensor], Tensor]:
     return norm
 
 
-def _add(hooked: Tensor, delta: Callable[[], Tensor], probes: Mapping[str, Tensor]) -> Tensor:
+def _add(hooked: Tensor, delta: Delta, probes: Mapping[str, Tensor]) -> Tensor:
     return hooked + delta()
 
 

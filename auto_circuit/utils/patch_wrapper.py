@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from auto_circuit.errors import CircuitError
-from auto_circuit.model_utils.families import ApplyDelta, DestSite, FamilyGraph, SrcSite
+from auto_circuit.model_utils.families import ApplyDelta, Delta, DestSite, FamilyGraph, SrcSite
 from auto_circuit.types import MaskFn
 from auto_circuit.utils.tensor_ops import sample_hard_concrete
 
@@ -267,15 +267,15 @@ class PatchEngine:
             return range(0)
         return range(site.in_srcs.start + active[0], site.in_srcs.start + active[-1] + 1)
 
-    def delta_fn(self, site: DestSite) -> Callable[[], Tensor] | None:
-        """A function computing ``sum_j mask[..., j] (P[j] - C[j])`` for a destination, or
+    def delta_fn(self, site: DestSite) -> Delta | None:
+        """``sum_j mask[..., j] (P[j] - C[j])`` for a destination, computed on call, or
         None when the destination is unchanged in this forward."""
         state = self.state
         if state.patch_src_outs is None:
             raise CircuitError("patch mode is on but no patch_src_outs were given.")
         if site.module_name in state.dest_deltas:
             value = state.dest_deltas[site.module_name]
-            return None if value is None else (lambda: value)
+            return None if value is None else Delta(lambda: value)
         span = self._active_range(site)
         if not span:
             state.dest_deltas[site.module_name] = None
@@ -308,10 +308,17 @@ class PatchEngine:
                     state.dest_deltas[site.module_name] = compute(cols, rows)
             value = state.dest_deltas[site.module_name]
             assert value is not None
-            return lambda: value
+            return Delta(lambda: value)
         slots = [(g.start - span.start, g.stop - span.start) for g, c in groups if c.requires_grad]
         layout = (self.seq_len is not None, state.table_shape, batch_masks)
-        return lambda: _TableMaskedSum.apply(cols, compute, rows, layout, slots, *currents)
+        # All masks 0 (mask-gradient attribution): the delta is 0 and is not computed.
+        zero_shape = None
+        if not bool(cols.detach().any()):
+            batch, seq, d_model = state.table_shape
+            heads = (site.n_heads,) if site.n_heads is not None else ()
+            zero_shape = (batch, seq, *heads, d_model)
+        args = (cols, compute, rows, layout, slots, zero_shape, *currents)
+        return Delta(lambda: _TableMaskedSum.apply(*args), is_zero=zero_shape is not None)
 
     def _fused_deltas(self, site: DestSite, partners: list[DestSite]) -> None:
         """Deltas of sites sharing their sources (a block's Q, K, V) from one matmul over
@@ -456,12 +463,16 @@ class PatchEngine:
 class _TableMaskedSum(t.autograd.Function):
     """``delta = compute(mask columns, table rows)`` with gradients for the mask and for
     the sources' current outputs (``d delta / d C = -mask``), without saving copies: the
-    table rows are never rewritten during the forward pass they belong to."""
+    table rows are never rewritten during the forward pass they belong to. With
+    ``zero_shape`` (every mask 0) the value is a broadcast 0 of that shape, not computed.
+    """
 
     @staticmethod
-    def forward(ctx, cols, compute, rows, layout, slots, *currents):  # type: ignore[override]
+    def forward(ctx, cols, compute, rows, layout, slots, zero_shape, *currents):  # type: ignore[override]
         ctx.compute, ctx.rows, ctx.layout, ctx.slots = compute, rows, layout, slots
         ctx.save_for_backward(cols)
+        if zero_shape is not None:
+            return rows.new_zeros(()).expand(zero_shape)
         with t.no_grad():
             return compute(cols, rows)
 
@@ -469,7 +480,7 @@ class _TableMaskedSum(t.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         (cols,) = ctx.saved_tensors
         need_mask = ctx.needs_input_grad[0]
-        need_currents = any(ctx.needs_input_grad[5:]) and bool(cols.detach().any())
+        need_currents = any(ctx.needs_input_grad[6:]) and bool(cols.detach().any())
         per_position, (batch, seq, d_model), batch_masks = ctx.layout
         if batch_masks:
             grad_cols, neg_grad_rows = _autograd_grads(ctx, cols, grad, need_mask, need_currents)
@@ -478,7 +489,7 @@ class _TableMaskedSum(t.autograd.Function):
                 cols, ctx.rows, grad, per_position, (batch, seq, d_model), need_mask, need_currents
             )
         grad_currents = []
-        for (lo, hi), needs in zip(ctx.slots, ctx.needs_input_grad[5:], strict=True):
+        for (lo, hi), needs in zip(ctx.slots, ctx.needs_input_grad[6:], strict=True):
             if neg_grad_rows is None or not needs:
                 grad_currents.append(None)
             elif per_position:
@@ -486,7 +497,7 @@ class _TableMaskedSum(t.autograd.Function):
                 grad_currents.append(g.permute(1, 2, 0, 3))
             else:
                 grad_currents.append(neg_grad_rows[lo:hi].view(hi - lo, batch, seq, d_model))
-        return (grad_cols, None, None, None, None, *grad_currents)
+        return (grad_cols, None, None, None, None, None, *grad_currents)
 
 
 def _direct_grads(
