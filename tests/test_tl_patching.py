@@ -264,3 +264,40 @@ def test_patching_behind_a_shared_prefix_kv_cache(tmp_path):
     full_out_all = full(full_clean)
     assert (expected - full_out_all[:, prefix_len:]).abs().max() > 1e-5
     t.testing.assert_close(tail_out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_replaced_qkv_projections_are_not_computed(monkeypatch):
+    """A q/k/v that the per-head rebuild replaces is not first projected by the block."""
+    import transformer_lens.components.abstract_attention as tl_attention
+
+    import auto_circuit.model_utils.transformer_lens_utils as tl_family
+
+    calls = []
+
+    def counting(original):
+        def linear(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        return linear
+
+    for module in (tl_attention, tl_family):
+        monkeypatch.setattr(module, "simple_attn_linear", counting(module.simple_attn_linear))
+    model = make_tl_model(n_layers=3)
+    pm = patchable_model(model, True, slice_output="last_seq", separate_qkv=True)
+    x, corrupt = t.randint(0, 50, (2, 5)), t.randint(0, 50, (2, 5))
+    patch = src_ablations(pm, corrupt)
+    calls.clear()
+    with t.no_grad(), patch_mode(pm, patch):
+        pm(x)  # every mask 0: nothing replaced
+        assert len(calls) == 3 * 3
+        calls.clear()
+        pm.patch_masks["blocks.1.hook_q_input"][0, 0] = 1.0  # one edge into A1.0.Q
+        pm(x)
+        assert len(calls) == 3 * 3 - 1
+        calls.clear()
+        set_all_masks(pm, 0.5)
+        pm(x)
+        assert calls == []
+    pm(x)  # outside patch mode: the block's own projections
+    assert len(calls) == 3 * 3

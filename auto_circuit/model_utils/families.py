@@ -91,6 +91,15 @@ class DestSite:
     deltas computed by one matmul, reading the sources' differences once."""
 
 
+GetDelta = Callable[[str], "Delta | None"]
+"""During a forward pass: the ``Delta`` of the destination site with this module name,
+or None when it is unchanged in this forward (or patch mode is off)."""
+
+Interceptor = Callable[[t.nn.Module, GetDelta], Callable[[], None]]
+"""Installs family-specific code on the model that may ask the engine for deltas (say,
+to skip computing a tensor its destination hook will replace); returns an uninstaller."""
+
+
 @dataclass(frozen=True)
 class FamilyGraph:
     """Everything the engine needs to patch one model."""
@@ -102,6 +111,7 @@ class FamilyGraph:
     probes: list[str]
     is_transformer: bool
     separate_qkv: bool | None
+    interceptors: tuple[Interceptor, ...] = ()
 
 
 class ModelFamily(Protocol):

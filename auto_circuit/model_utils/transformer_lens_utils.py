@@ -46,6 +46,8 @@ from auto_circuit.model_utils.families import (
     DestHook,
     DestSite,
     FamilyGraph,
+    GetDelta,
+    Interceptor,
     SrcSite,
     contiguous_range,
     dest_in_srcs,
@@ -57,6 +59,14 @@ try:  # TransformerLens 3.x; 4.x removed HookedTransformer
     from transformer_lens import HookedTransformer
 except ImportError:  # pragma: no cover - depends on the installed version
     HookedTransformer = None  # type: ignore[assignment,misc]
+
+try:  # the projections TransformerLens' attention uses for q, k and v
+    from transformer_lens.utilities.attention import complex_attn_linear, simple_attn_linear
+
+    def attn_linear(x: Tensor, weight: Tensor, bias: Tensor, split: bool) -> Tensor:
+        return (complex_attn_linear if split else simple_attn_linear)(x, weight, bias)
+except ImportError:  # pragma: no cover - then the block's own q/k/v are always computed
+    attn_linear = None  # type: ignore[assignment]
 
 
 def _layers(model) -> tuple[int, bool, bool]:
@@ -421,7 +431,64 @@ class TransformerLensFamily:
             probes=[f"blocks.{b}.hook_resid_pre" for b in range(_layers(model)[0])],
             is_transformer=True,
             separate_qkv=separate_qkv if factorized else None,
+            interceptors=_qkv_interceptors(model, factorized, bool(separate_qkv)),
         )
+
+
+def _replaces_hooked(delta: Delta | None, block: t.nn.Module) -> bool:
+    """Whether ``_qkv_rebuilder`` ignores the block's own q/k/v for this delta."""
+    return delta is not None and not (delta.is_zero and _norm_form(block.ln1) is not None)
+
+
+def _qkv_interceptors(model, factorized: bool, separate_qkv: bool) -> tuple[Interceptor, ...]:
+    """Per block, skip the block's own projection of a q/k/v that the destination hook
+    replaces by a per-head rebuild (it would be computed only to be thrown away: a sixth
+    of the bare forward). Hooks on ``hook_q/k/v`` registered before patchable_model see
+    zeros there; those registered later see the rebuilt value."""
+    if not factorized or attn_linear is None:
+        return ()
+
+    def interceptor(block_idx: int) -> Interceptor:
+        sites = {
+            letter: f"blocks.{block_idx}.hook_{letter.lower()}_input"
+            if separate_qkv
+            else f"blocks.{block_idx}.hook_attn_in"
+            for letter in "QKV"
+        }
+
+        def install(model: t.nn.Module, get_delta: GetDelta) -> Callable[[], None]:
+            block: Any = model.blocks[block_idx]  # type: ignore[index]
+            attn: Any = block.attn
+            original = attn.calculate_qkv_matrices
+
+            def calculate_qkv_matrices(query_input, key_input, value_input):
+                skip = {k: _replaces_hooked(get_delta(site), block) for k, site in sites.items()}
+                if not any(skip.values()):
+                    return original(query_input, key_input, value_input)
+                cfg = attn.cfg
+                split = cfg.use_split_qkv_input or cfg.use_attn_in
+                outs = []
+                for letter, x in zip("QKV", (query_input, key_input, value_input), strict=True):
+                    weight, bias = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
+                    if skip[letter]:
+                        shape = (*x.shape[:2], weight.shape[0], weight.shape[-1])
+                        value = x.new_zeros(()).expand(shape)
+                    else:
+                        value = attn_linear(x, weight, bias, split)
+                    outs.append(getattr(attn, f"hook_{letter.lower()}")(value))
+                return tuple(outs)
+
+            attn.calculate_qkv_matrices = calculate_qkv_matrices
+
+            def uninstall() -> None:
+                if attn.__dict__.get("calculate_qkv_matrices") is calculate_qkv_matrices:
+                    del attn.calculate_qkv_matrices
+
+            return uninstall
+
+        return install
+
+    return tuple(interceptor(b) for b in range(_layers(model)[0]))
 
 
 def _src_sites(model, srcs: set[SrcNode]) -> list[SrcSite]:

@@ -182,9 +182,20 @@ class PatchEngine:
             self._handles.append(
                 model.get_submodule(name).register_forward_hook(self._probe_hook(name))
             )
+        self._uninstallers = [
+            install(model, self._get_delta) for install in self.graph.interceptors
+        ]
+
+    def _get_delta(self, module_name: str) -> Delta | None:
+        if not self.state.patch_mode:
+            return None
+        return self.delta_fn(self.dest_sites[module_name])
 
     def remove(self) -> None:
         """Remove every hook from the wrapped model."""
+        for uninstall in self._uninstallers:
+            uninstall()
+        self._uninstallers.clear()
         for handle in self._handles:
             handle.remove()
         for wrapper in self.src_wrappers + self.dest_wrappers:
