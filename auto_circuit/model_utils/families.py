@@ -40,11 +40,14 @@ class Delta:
     activation checkpoint instead of keeping per-head copies for the backward pass.
     ``is_zero``: every mask of the destination is 0 in this forward (mask-gradient
     attribution), so the value is 0 and only its gradient matters; a family may then
-    keep the hooked tensor and give the delta its gradient directly.
+    keep the hooked tensor and give the delta its gradient directly. ``owned``: the
+    caller is the tensor's only reader in this forward (no gradients), so it may
+    overwrite it instead of allocating a new one.
     """
 
     compute: Callable[[], Tensor]
     is_zero: bool = False
+    owned: bool = False
 
     def __call__(self) -> Tensor:
         return self.compute()

@@ -288,9 +288,40 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
             return hooked + _ZeroDeltaProjection.apply(delta(), resid, hooked, weight, bias, norm)
         if t.is_grad_enabled():
             return checkpoint(rebuild, resid, delta, use_reentrant=False)
+        if norm is not None and resid.dtype in (t.float32, t.float64):
+            weight, bias = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
+            return _rebuild_in_place(resid, delta, weight, bias, norm)
         return rebuild(resid, delta)
 
     return apply
+
+
+def _rebuild_in_place(
+    resid: Float[Tensor, "batch seq d_model"],
+    delta: Delta,
+    weight: Float[Tensor, "head d_model d_head"],
+    bias: Float[Tensor, "head d_head"],
+    norm: _NormForm,
+) -> Float[Tensor, "batch seq head d_head"]:
+    """``norm(resid + delta_h) W_h + b_h`` without gradients and without a new per-head
+    ``[head, batch, seq, d_model]`` tensor: the sum is formed in the delta's own memory
+    (when the engine hands it over, else in one copy), centred in place, and the
+    normalisation's scale, weight and bias are applied on the ``d_head`` side."""
+    per_head = delta().permute(2, 0, 1, 3)
+    x = per_head if delta.owned and per_head.is_contiguous() else per_head.contiguous().clone()
+    n_heads, batch, seq, d_model = x.shape
+    x.add_(resid.to(x.dtype).unsqueeze(0))
+    if norm.centered:
+        x.sub_(x.mean(dim=-1, keepdim=True))
+    # (var_mean would do both in one pass, but its CPU kernel is ~10x slower)
+    var = t.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_model)
+    scale = var.add_(norm.eps).rsqrt_().view(n_heads, batch * seq, 1)
+    shift = bias if norm.bias is None else bias + t.einsum("d,hde->he", norm.bias, weight)
+    if norm.weight is not None:
+        weight = weight * norm.weight[None, :, None]
+    projected = t.bmm(x.view(n_heads, batch * seq, d_model), weight).mul_(scale)
+    projected.add_(shift.unsqueeze(1))
+    return projected.view(n_heads, batch, seq, -1).permute(1, 2, 0, 3)
 
 
 @dataclass(frozen=True)

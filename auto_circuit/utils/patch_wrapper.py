@@ -54,6 +54,10 @@ class PatchState:
     probes: dict[str, Tensor] = field(default_factory=dict)
     table: Tensor | None = None  # [n_src, batch*seq*d] (or [seq, n_src, batch*d]): P - C
     table_shape: tuple[int, int, int] = (0, 0, 0)  # batch, seq, d_model of the table
+    # The table of the last forward without gradients, reused by the next one of the same
+    # shape (a fresh 100+ MiB tensor per forward is page-faulted and zeroed each time).
+    # Never one that a backward pass may still read. Dropped when patch_mode exits.
+    spare_table: Tensor | None = None
 
     def clear_forward(self) -> None:
         self.outputs.clear()
@@ -286,7 +290,7 @@ class PatchEngine:
             raise CircuitError("patch mode is on but no patch_src_outs were given.")
         if site.module_name in state.dest_deltas:
             value = state.dest_deltas[site.module_name]
-            return None if value is None else Delta(lambda: value)
+            return None if value is None else Delta(lambda: value, owned=_sole_reader(site))
         span = self._active_range(site)
         if not span:
             state.dest_deltas[site.module_name] = None
@@ -319,7 +323,7 @@ class PatchEngine:
                     state.dest_deltas[site.module_name] = compute(cols, rows)
             value = state.dest_deltas[site.module_name]
             assert value is not None
-            return Delta(lambda: value)
+            return Delta(lambda: value, owned=_sole_reader(site))
         slots = [(g.start - span.start, g.stop - span.start) for g, c in groups if c.requires_grad]
         layout = (self.seq_len is not None, state.table_shape, batch_masks)
         # All masks 0 (mask-gradient attribution): the delta is 0 and is not computed.
@@ -466,7 +470,20 @@ class PatchEngine:
             shape = (
                 (seq, n_src, batch * d_model) if self.seq_len else (n_src, batch * seq * d_model)
             )
-            state.table = t.empty(shape, device=current.device, dtype=current.dtype)
+            spare = state.spare_table
+            if t.is_grad_enabled():
+                state.table = t.empty(shape, device=current.device, dtype=current.dtype)
+            elif (
+                spare is not None
+                and spare.shape == shape
+                and spare.dtype == current.dtype
+                and spare.device == current.device
+            ):
+                state.table = spare
+            else:
+                state.table = state.spare_table = None  # free the old one first
+                state.table = t.empty(shape, device=current.device, dtype=current.dtype)
+                state.spare_table = state.table
             state.table_shape = (batch, seq, d_model)
         return state.table
 
@@ -558,6 +575,12 @@ def _autograd_grads(
             grad_cols = grads[0] if need_mask else None
             grad_rows = -grads[-1] if need_rows else None
     return grad_cols, grad_rows
+
+
+def _sole_reader(site: DestSite) -> bool:
+    """Whether the site's one hook may overwrite its cached delta: it is the only
+    reader in this forward, and no backward pass will need the tensor."""
+    return not t.is_grad_enabled() and len(site.hooks) == 1
 
 
 def _broadcastable(patch_shape: t.Size, current_shape: t.Size) -> bool:
