@@ -308,7 +308,10 @@ def _rebuild_in_place(
     (when the engine hands it over, else in one copy), centred in place, and the
     normalisation's scale, weight and bias are applied on the ``d_head`` side."""
     per_head = delta().permute(2, 0, 1, 3)
-    x = per_head if delta.owned and per_head.is_contiguous() else per_head.contiguous().clone()
+    if not per_head.is_contiguous():
+        x = per_head.contiguous()  # a copy already
+    else:
+        x = per_head if delta.owned else per_head.clone()
     n_heads, batch, seq, d_model = x.shape
     x.add_(resid.to(x.dtype).unsqueeze(0))
     if norm.centered:

@@ -167,7 +167,7 @@ def patch_mode(
         finally:
             state.patch_mode, state.patch_src_outs, state.curr_src_outs = previous
             state.clear_forward()
-            state.spare_table = None
+            state.spare_table = state.spare_deltas = None
 
 
 @contextmanager

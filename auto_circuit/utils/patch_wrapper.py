@@ -58,6 +58,7 @@ class PatchState:
     # shape (a fresh 100+ MiB tensor per forward is page-faulted and zeroed each time).
     # Never one that a backward pass may still read. Dropped when patch_mode exits.
     spare_table: Tensor | None = None
+    spare_deltas: Tensor | None = None  # likewise for a block's fused Q/K/V deltas
 
     def clear_forward(self) -> None:
         self.outputs.clear()
@@ -362,20 +363,29 @@ class PatchEngine:
         heads = [s.n_heads or 1 for s in sites]
         fused = DestSite("fused", (), sum(heads), site.in_srcs)
         with t.no_grad():
-            value = self._masked_sum_fn(fused, False, len(span))(cols, rows)
+            out = None
+            if not t.is_grad_enabled():
+                # One buffer for every block's deltas: a block's hooks have read them
+                # before the next block's are computed.
+                numel = sum(heads) * rows.shape[-1] * (self.seq_len or 1)
+                spare = state.spare_deltas
+                if spare is None or spare.numel() < numel or spare.dtype != table.dtype:
+                    state.spare_deltas = None
+                    spare = state.spare_deltas = table.new_empty(numel)
+                out = spare[:numel]
+            value = self._masked_sum_fn(fused, False, len(span))(cols, rows, out)
         for s, part in zip(sites, value.split(heads, dim=2), strict=True):
             state.dest_deltas[s.module_name] = part
 
-    def _masked_sum_fn(
-        self, site: DestSite, batch_masks: bool, n: int
-    ) -> Callable[[Tensor, Tensor], Tensor]:
-        """``(mask columns, table rows) -> delta [batch, seq, (head,) d_model]``."""
+    def _masked_sum_fn(self, site: DestSite, batch_masks: bool, n: int) -> Callable[..., Tensor]:
+        """``(mask columns, table rows, out=None) -> delta [batch, seq, (head,) d_model]``;
+        ``out``: flat memory for the product (shared masks only)."""
         batch, seq, d_model = self.state.table_shape
         heads = site.n_heads is not None
         n_heads = site.n_heads or 1
         per_position = self.seq_len is not None
 
-        def compute(cols: Tensor, rows: Tensor) -> Tensor:
+        def compute(cols: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
             if batch_masks:
                 m = cols.reshape(batch, *((seq,) if per_position else ()), n_heads, n)
                 if per_position:
@@ -383,10 +393,12 @@ class PatchEngine:
                 else:
                     out = t.einsum("bhn,nbsd->bshd", m, rows.view(n, batch, seq, d_model))
             elif per_position:
-                prod = t.bmm(cols.reshape(seq, n_heads, n), rows)
+                target = None if out is None else out.view(seq, n_heads, batch * d_model)
+                prod = t.bmm(cols.reshape(seq, n_heads, n), rows, out=target)
                 out = prod.view(seq, n_heads, batch, d_model).permute(2, 0, 1, 3)
             else:
-                prod = cols.reshape(n_heads, n) @ rows
+                target = None if out is None else out.view(n_heads, batch * seq * d_model)
+                prod = t.mm(cols.reshape(n_heads, n), rows, out=target)
                 out = prod.view(n_heads, batch, seq, d_model).permute(1, 2, 0, 3)
             return out if heads else out.squeeze(2)
 
