@@ -599,3 +599,21 @@ def test_prune_score_similarities_by_hand():
     assert sims[3]["a"]["c"] == 1.0  # the tie lies inside the top 3
     with pytest.raises(CircuitError, match=r"ints in \[1, 5\]"):
         prune_score_similarities({"a": a}, [0])
+
+
+def test_answer_values_per_prompt_per_position_and_ragged():
+    from auto_circuit.utils.tensor_ops import answer_values
+
+    vals = t.arange(2 * 3 * 5, dtype=t.float32).view(2, 3, 5)
+    per_position = t.tensor([[0, 4, 2], [1, 1, 3]])
+    expected = t.tensor([[0.0, 9.0, 12.0], [16.0, 21.0, 28.0]])  # vals[b, p, answer[b, p]]
+    assert t.equal(answer_values(vals, per_position), expected)
+    last = vals[:, -1]  # [[10..14], [25..29]]
+    assert t.equal(answer_values(last, t.tensor([[0, 4], [1, 3]])), t.tensor([12.0, 27.0]))
+    assert t.equal(answer_values(last, t.tensor([[0, 4], [1, 3]]), "max"), t.tensor([14.0, 28.0]))
+    ragged = [t.tensor([2]), t.tensor([0, 1, 2])]
+    assert t.equal(answer_values(last, ragged), t.tensor([12.0, 26.0]))
+    with pytest.raises(CircuitError, match="do not fit 2 prompts"):
+        answer_values(vals, t.tensor([[0, 1], [2, 3]]))
+    with pytest.raises(CircuitError, match="integer token ids in \\[0, 5\\)"):
+        answer_values(last, t.tensor([[5], [0]]))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch as t
+from jaxtyping import Float
 from torch import Tensor
 
+from auto_circuit.errors import CircuitError
 from auto_circuit.types import PruneScores
 
 # Hard-concrete stretch and temperature (Louizos et al. 2018, as used by Cao et al. 2021).
@@ -44,14 +46,53 @@ def prune_scores_threshold(prune_scores: PruneScores, edge_count: int) -> Tensor
     return desc_prune_scores(prune_scores)[edge_count - 1]
 
 
-def answer_values(vals: Tensor, answers: Tensor | list[Tensor]) -> Tensor:
-    """Per prompt, the mean over its answers of ``vals[prompt, answer]``: ``[batch]``.
+Answers = Tensor | list[Tensor]
+"""``[batch]`` or ``[batch, answer]`` token ids, a list of one 1-D tensor per prompt
+(different numbers of answers), or ``[batch, pos]`` / ``[batch, pos, answer]`` for
+answers per output position."""
 
-    ``answers`` is ``[batch, n_answers]`` or a list of 1-D tensors (ragged)."""
+
+def answer_values(
+    vals: Float[Tensor, "batch *pos vocab"],
+    answers: Answers,
+    reduce: Literal["mean", "max"] = "mean",
+) -> Float[Tensor, " batch *pos"]:
+    """Per prompt (and output position, for per-position answers), the mean (or max) of
+    ``vals`` over the answer ids."""
+    n_batch, n_vocab = vals.shape[0], vals.shape[-1]
     if isinstance(answers, Tensor):
-        index = answers if answers.ndim == vals.ndim else answers.unsqueeze(-1)
-        return t.gather(vals, -1, index.to(vals.device)).mean(dim=-1)
-    return t.stack([v[a.to(v.device)].mean() for v, a in zip(vals, answers, strict=True)])
+        index = answers.unsqueeze(-1) if answers.ndim == vals.ndim - 1 else answers
+        if index.ndim != vals.ndim or index.shape[:-1] != vals.shape[:-1] or index.shape[-1] == 0:
+            raise CircuitError(
+                f"Answers shaped {list(answers.shape)} do not fit {n_batch} prompts with "
+                f"outputs {list(vals.shape)}: give [batch] or [batch, answer] token ids (at "
+                "least one per prompt), or [batch, pos] for one answer per output position."
+            )
+        index = index.to(vals.device)
+        check_answer_ids(index, n_vocab)
+        picked = t.gather(vals, -1, index)
+        return picked.mean(-1) if reduce == "mean" else picked.amax(-1)
+    if vals.ndim != 2 or len(answers) != n_batch:
+        raise CircuitError(
+            f"{len(answers)} answer tensors for outputs {list(vals.shape)}: a list of answers "
+            "needs outputs [batch, vocab] and one tensor per prompt."
+        )
+    rows = []
+    for v, a in zip(vals, answers, strict=True):
+        ids = a.reshape(-1).to(vals.device)
+        if ids.numel() == 0:
+            raise CircuitError("A prompt has no answers; give at least one token id.")
+        check_answer_ids(ids, n_vocab)
+        rows.append(v[ids].mean() if reduce == "mean" else v[ids].amax())
+    return t.stack(rows)
+
+
+def check_answer_ids(ids: Tensor, n_vocab: int) -> None:
+    """Answer ids are integer token ids below ``n_vocab``."""
+    if ids.dtype.is_floating_point or bool(((ids < 0) | (ids >= n_vocab)).any()):
+        raise CircuitError(
+            f"Answer ids must be integer token ids in [0, {n_vocab}), got {ids.flatten().tolist()}."
+        )
 
 
 def batch_avg_answer_val(vals: Tensor, batch: Any) -> Tensor:

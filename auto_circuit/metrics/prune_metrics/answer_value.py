@@ -16,13 +16,13 @@ from auto_circuit.metrics.prune_metrics.metric_result import (
 )
 from auto_circuit.metrics.prune_metrics.outputs import (
     ProbFunc,
-    answer_values,
     apply_prob_func,
     iter_circuit_batches,
     task_logits,
 )
 from auto_circuit.types import CircuitOutputs, Measurements
 from auto_circuit.utils.patchable_model import PatchableModel
+from auto_circuit.utils.tensor_ops import answer_values
 
 
 def answer_value_results(

@@ -27,12 +27,12 @@ from auto_circuit.metrics.prune_metrics.metric_result import (
 )
 from auto_circuit.metrics.prune_metrics.outputs import (
     answer_mask,
-    answer_values,
     iter_circuit_batches,
     task_logits,
 )
 from auto_circuit.types import CircuitOutputs, Measurements
 from auto_circuit.utils.patchable_model import PatchableModel
+from auto_circuit.utils.tensor_ops import answer_values
 
 
 def correct_answers(

@@ -26,14 +26,13 @@ from torch import Tensor
 from auto_circuit.errors import CircuitError
 from auto_circuit.types import CircuitOutputs
 from auto_circuit.utils.patchable_model import PatchableModel
+from auto_circuit.utils.tensor_ops import Answers
 
 ProbFunc = Literal["logits", "softmax", "log_softmax"]
 """How logits become the values whose answers a metric reads."""
 
 Baseline = Literal["clean", "corrupt"]
 """Which prompts the unpatched model runs on for a metric's reference values."""
-
-Answers = Tensor | list[Tensor]
 
 
 def as_float(x: Tensor) -> Tensor:
@@ -125,36 +124,6 @@ def apply_prob_func(logits: Tensor, prob_func: ProbFunc) -> Tensor:
     )
 
 
-def answer_values(
-    vals: Float[Tensor, "batch vocab"],
-    answers: Answers,
-    reduce: Literal["mean", "max"] = "mean",
-) -> Float[Tensor, " batch"]:
-    """Per prompt, the mean (or max) of ``vals`` over the prompt's answer ids."""
-    n_batch, n_vocab = vals.shape
-    if isinstance(answers, Tensor):
-        index = answers.unsqueeze(-1) if answers.ndim == 1 else answers
-        if index.ndim != 2 or index.shape[0] != n_batch or index.shape[1] == 0:
-            raise CircuitError(
-                f"Answers shaped {list(answers.shape)} do not fit {n_batch} prompts: give "
-                "[batch] or [batch, answer] token ids (at least one per prompt)."
-            )
-        index = index.to(vals.device)
-        _check_ids(index, n_vocab)
-        picked = t.gather(vals, -1, index)
-        return picked.mean(-1) if reduce == "mean" else picked.amax(-1)
-    if len(answers) != n_batch:
-        raise CircuitError(f"{len(answers)} answer tensors for a batch of {n_batch} prompts.")
-    rows = []
-    for v, a in zip(vals, answers, strict=True):
-        ids = a.reshape(-1).to(vals.device)
-        if ids.numel() == 0:
-            raise CircuitError("A prompt has no answers; give at least one token id.")
-        _check_ids(ids, n_vocab)
-        rows.append(v[ids].mean() if reduce == "mean" else v[ids].amax())
-    return t.stack(rows)
-
-
 def answer_mask(
     answers: Answers, n_batch: int, n_vocab: int, device: t.device
 ) -> Bool[Tensor, "batch vocab"]:
@@ -166,10 +135,3 @@ def answer_mask(
     for row, ids in zip(mask, answers, strict=True):
         row[ids.reshape(-1).to(device)] = True
     return mask
-
-
-def _check_ids(ids: Tensor, n_vocab: int) -> None:
-    if ids.dtype.is_floating_point or bool(((ids < 0) | (ids >= n_vocab)).any()):
-        raise CircuitError(
-            f"Answer ids must be integer token ids in [0, {n_vocab}), got {ids.flatten().tolist()}."
-        )
