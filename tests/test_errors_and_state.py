@@ -84,6 +84,25 @@ def test_wrapping_twice_is_refused(micro):
         patchable_model(micro.wrapped_model, factorized=True)
 
 
+def test_deep_copies(micro):
+    """A PatchableModel refuses to be deep-copied (its hooks would still belong to the
+    original); a deep copy of a wrapped transformer computes with its own weights."""
+    import copy
+
+    with pytest.raises(CircuitError, match="cannot be deep-copied"):
+        copy.deepcopy(micro)
+    model, reference = make_tl_model(), make_tl_model()
+    patchable_model(model, True, separate_qkv=True)
+    duplicate = copy.deepcopy(model)
+    with t.no_grad():
+        for m in (duplicate, reference):
+            m.blocks[0].attn.W_Q.mul_(3.0)
+            m.blocks[1].attn.W_V.mul_(0.5)
+    x = t.randint(0, 50, (2, 5))
+    assert (reference(x) - model(x)).abs().max() > 1e-3
+    t.testing.assert_close(duplicate(x), reference(x))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

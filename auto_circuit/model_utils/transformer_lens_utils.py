@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import count
+from types import MethodType
 from typing import Any
 
 import torch as t
@@ -493,30 +494,38 @@ def _qkv_interceptors(model, factorized: bool, separate_qkv: bool) -> tuple[Inte
         def install(model: t.nn.Module, get_delta: GetDelta) -> Callable[[], None]:
             block: Any = model.blocks[block_idx]  # type: ignore[index]
             attn: Any = block.attn
-            original = attn.calculate_qkv_matrices
+            earlier = attn.__dict__.get("calculate_qkv_matrices")  # another wrapper's
 
-            def calculate_qkv_matrices(query_input, key_input, value_input):
+            def calculate_qkv_matrices(self: Any, query_input, key_input, value_input):
+                # Bound to the module (MethodType), so a deep copy of the model computes
+                # with its own weights.
                 skip = {k: _replaces_hooked(get_delta(site), block) for k, site in sites.items()}
                 if not any(skip.values()):
-                    return original(query_input, key_input, value_input)
-                cfg = attn.cfg
-                split = cfg.use_split_qkv_input or cfg.use_attn_in
+                    if earlier is not None:
+                        return earlier(query_input, key_input, value_input)
+                    return type(self).calculate_qkv_matrices(
+                        self, query_input, key_input, value_input
+                    )
+                split = self.cfg.use_split_qkv_input or self.cfg.use_attn_in
                 outs = []
                 for letter, x in zip("QKV", (query_input, key_input, value_input), strict=True):
-                    weight, bias = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
+                    weight, bias = getattr(self, f"W_{letter}"), getattr(self, f"b_{letter}")
                     if skip[letter]:
                         shape = (*x.shape[:2], weight.shape[0], weight.shape[-1])
                         value = x.new_zeros(()).expand(shape)
                     else:
                         value = attn_linear(x, weight, bias, split)
-                    outs.append(getattr(attn, f"hook_{letter.lower()}")(value))
+                    outs.append(getattr(self, f"hook_{letter.lower()}")(value))
                 return tuple(outs)
 
-            attn.calculate_qkv_matrices = calculate_qkv_matrices
+            bound = MethodType(calculate_qkv_matrices, attn)
+            attn.calculate_qkv_matrices = bound
 
             def uninstall() -> None:
-                if attn.__dict__.get("calculate_qkv_matrices") is calculate_qkv_matrices:
+                if attn.__dict__.get("calculate_qkv_matrices") is bound:
                     del attn.calculate_qkv_matrices
+                    if earlier is not None:
+                        attn.calculate_qkv_matrices = earlier
 
             return uninstall
 

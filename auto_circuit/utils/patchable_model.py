@@ -64,6 +64,14 @@ class PatchableModel(t.nn.Module):
         self._dest_by_name = {d.name: d for d in self.dests}
         self.n_edges = sum(engine.masks[d.module_name].numel() for d in graph.dest_sites)
 
+    def __deepcopy__(self, memo: dict) -> PatchableModel:
+        raise CircuitError(
+            "A PatchableModel cannot be deep-copied: its hooks belong to its own patching "
+            "engine, so a copy would not patch. Copy the model before wrapping it, "
+            "patchable_model(copy.deepcopy(model), ...), and copy masks with "
+            "set_all_masks / set_masks_from_prune_scores if needed."
+        )
+
     # ---- graph -------------------------------------------------------------------
 
     @cached_property
