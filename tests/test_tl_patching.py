@@ -314,3 +314,32 @@ def test_replaced_qkv_projections_are_not_computed(monkeypatch):
         assert calls == []
     pm(x)  # outside patch mode: the block's own projections
     assert len(calls) == 3 * 3
+
+
+def test_forwards_without_gradients_reuse_no_memory_a_backward_needs():
+    """No-grad forwards reuse their table and delta buffers; a forward with gradients
+    keeps its own, so a no-grad forward between it and its backward changes nothing."""
+    from auto_circuit.utils.graph_utils import train_mask_mode
+
+    pm = patchable_model(make_tl_model(), True, separate_qkv=True)
+    patch = src_ablations(pm, CORRUPT)
+    other = tokens(3)
+
+    def grads(interleave: bool) -> dict[str, t.Tensor]:
+        with train_mask_mode(pm) as masks, patch_mode(pm, patch):
+            set_all_masks(pm, 0.3)
+            with t.no_grad():
+                pm(other)  # leaves a spare table and delta buffer of this shape
+            out = pm(CLEAN)[:, -1].logsumexp(-1).sum()
+            if interleave:
+                with t.no_grad():
+                    pm(other)
+                    pm(other)
+            out.backward()
+            return {name: m.grad.clone() for name, m in masks.items() if m.grad is not None}
+
+    plain, interleaved = grads(False), grads(True)
+    assert plain.keys() == interleaved.keys() and len(plain) > 0
+    for name in plain:
+        assert plain[name].abs().max() > 0
+        t.testing.assert_close(interleaved[name], plain[name], rtol=0, atol=0)
