@@ -315,21 +315,33 @@ def test_start_at_block_saves_compute_and_batching_saves_forwards():
     assert many.n_rows >= pm.n_edges - many.n_skipped
 
 
-@pytest.mark.parametrize("graph", ["qkv", "attn_in", "parallel"])
+@pytest.mark.parametrize("graph", ["qkv", "attn_in", "parallel", "qkv_per_position"])
 def test_edges_into_destinations_cut_off_from_the_output_are_skipped(graph):
     """An edge into a head or MLP none of whose outgoing edges the circuit kept is removed
-    without a forward: exactly those edges, counted from the final circuit's Edge objects."""
+    without a forward: exactly those edges, counted from the final circuit's Edge objects.
+    Per position: a query or MLP input at position p feeds its node at p only; a key or
+    value input (or a whole attention input) feeds it at p and every later position."""
     pm, loader = tl_setup(**GRAPHS[graph])
     result = run_acdc(pm, loader, tao_exps=[-3], show_progress=False)
     removed = set(removed_edges(pm, result, 0))
-    kept_srcs = {e.src.name for e in pm.edges if e not in removed}
+    kept = {(e.src.name, e.seq_idx) for e in pm.edges if e not in removed}
     owners = {s.name for s in pm.srcs}
 
     def owner(dest_name: str) -> str | None:
         name = dest_name[:-2] if dest_name.endswith((".Q", ".K", ".V")) else dest_name
         return name if name in owners else None
 
-    cut_off = [e for e in pm.edges if owner(e.dest.name) not in (None, *kept_srcs)]
+    def is_cut_off(edge: Edge) -> bool:
+        node = owner(edge.dest.name)
+        if node is None:
+            return False
+        if edge.seq_idx is None:
+            return all(src != node for src, _ in kept)
+        local = edge.dest.name.endswith(".Q") or edge.dest.head_idx is None
+        positions = [edge.seq_idx] if local else range(edge.seq_idx, pm.seq_len or 0)
+        return all((node, p) not in kept for p in positions)
+
+    cut_off = [e for e in pm.edges if is_cut_off(e)]
     assert cut_off and all(e in removed for e in cut_off)
     assert result.n_skipped == len(cut_off)
     assert result.n_rows < pm.n_edges - len(cut_off) + 10  # skipped edges take no rows
