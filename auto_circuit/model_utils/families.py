@@ -9,7 +9,9 @@ library. A *family* module (one per model family: the MicroModel, TransformerLen
   how to read them as ``[n_src, batch, seq, d_model]`` residual contributions;
 - ``DestSite``s: the module(s) where a destination's input is read, and how to add a
   patch ``delta`` (``[batch, seq, (head,) d_model]``) there;
-- probes: modules whose outputs a destination needs to rebuild its input.
+- probes: modules whose outputs a destination needs to rebuild its input;
+- optional interceptors: family code installed on the model that asks the engine for
+  this forward's deltas (e.g. to skip computing what a destination hook replaces).
 
 Families register themselves with ``register_family``; ``family_for`` finds the one
 that accepts a model, or raises an error listing the supported families.

@@ -19,8 +19,11 @@ stay off, so the model runs at full speed): head outputs are read as ``z`` at
 ``hook_z`` and projected through ``W_O`` only when a mask needs them; a head's patched
 query/key/value input is rebuilt at ``hook_q``/``hook_k``/``hook_v`` from the block's
 ``resid_pre`` plus that head's delta, through the block's own ``ln1``, only when one
-of its masks is non-zero. MLP inputs are patched before ``ln2``; ``Resid End`` at the
-last ``hook_resid_post`` (before ``ln_final``).
+of its masks is non-zero (the block then skips its own projection of that q/k/v: an
+interceptor wraps ``attn.calculate_qkv_matrices``). With every mask 0 and gradients
+on (edge attribution), nothing is rebuilt: the block's q/k/v are kept and the deltas
+get their gradient in closed form. MLP inputs are patched before ``ln2``; ``Resid End``
+at the last ``hook_resid_post`` (before ``ln_final``).
 
 The unfactorized (node-level) graph has the residual checkpoints as nodes: heads feed
 ``Resid Mid {l}`` and MLPs feed ``Resid Post {l}``; patching there replaces a node's
