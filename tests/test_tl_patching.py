@@ -343,3 +343,20 @@ def test_forwards_without_gradients_reuse_no_memory_a_backward_needs():
     for name in plain:
         assert plain[name].abs().max() > 0
         t.testing.assert_close(interleaved[name], plain[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("dtype", [t.float64, t.bfloat16])
+def test_other_dtypes_patch(dtype, grad):
+    """float64 and bfloat16 models patch too (the per-head rebuild normalises in float):
+    all masks 1 with resample ablation reproduce the corrupt run."""
+    model = make_tl_model().to(dtype)
+    pm = patchable_model(model, True, separate_qkv=True)
+    patch = src_ablations(pm, CORRUPT)
+    with t.set_grad_enabled(grad), patch_mode(pm, patch):
+        set_all_masks(pm, 1.0)
+        patched = pm(CLEAN)
+    corrupt = model(CORRUPT)
+    assert (corrupt.float() - model(CLEAN).float()).abs().max() > 0.1
+    tol = 1e-9 if dtype == t.float64 else 0.1  # bfloat16: 8 bits of mantissa
+    t.testing.assert_close(patched.float(), corrupt.float(), atol=tol, rtol=tol)

@@ -424,12 +424,17 @@ def _fused_norm(norm: Any) -> Callable[[Tensor], Tensor]:
 
         return run
 
+    def param(name: str, x: Tensor) -> Tensor:  # in the computation's (float) dtype
+        return getattr(norm, name).to(x.dtype)
+
     if kind == "LayerNorm":
-        return in_float(lambda x: t.nn.functional.layer_norm(x, x.shape[-1:], norm.w, norm.b, eps))
+        return in_float(
+            lambda x: t.nn.functional.layer_norm(x, x.shape[-1:], param("w", x), param("b", x), eps)
+        )
     if kind == "LayerNormPre":
         return in_float(lambda x: t.nn.functional.layer_norm(x, x.shape[-1:], None, None, eps))
     if kind == "RMSNorm":
-        return in_float(lambda x: t.nn.functional.rms_norm(x, x.shape[-1:], norm.w, eps))
+        return in_float(lambda x: t.nn.functional.rms_norm(x, x.shape[-1:], param("w", x), eps))
     if kind == "RMSNormPre":
         return in_float(lambda x: t.nn.functional.rms_norm(x, x.shape[-1:], None, eps))
     return norm
