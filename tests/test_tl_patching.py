@@ -360,3 +360,103 @@ def test_other_dtypes_patch(dtype, grad):
     assert (corrupt.float() - model(CLEAN).float()).abs().max() > 0.1
     tol = 1e-9 if dtype == t.float64 else 0.1  # bfloat16: 8 bits of mantissa
     t.testing.assert_close(patched.float(), corrupt.float(), atol=tol, rtol=tol)
+
+
+def oracle_masked_patch(
+    model_kwargs: dict, edge_values: list[tuple[str, str, int | None, float]], separate_qkv: bool
+) -> t.Tensor:
+    """Clean run in which each destination's input gets ``sum value * (corrupt - current
+    source)`` over its edges, the current sources recorded by plain hooks as the patched
+    run reaches them: every edge patched at once, with fractional masks."""
+    oracle = make_tl_model(**model_kwargs)
+    oracle.set_use_attn_result(True)
+    if not oracle.cfg.attn_only:
+        oracle.set_use_hook_mlp_in(True)
+    if separate_qkv:
+        oracle.set_use_split_qkv_input(True)
+    else:
+        oracle.set_use_attn_in(True)
+    _, corrupt_cache = oracle.run_with_cache(CORRUPT)
+    src_hooks = {"Resid Start": ("blocks.0.hook_resid_pre", None)}
+    for layer in range(oracle.cfg.n_layers):
+        for head in range(oracle.cfg.n_heads):
+            src_hooks[f"A{layer}.{head}"] = (f"blocks.{layer}.attn.hook_result", head)
+        src_hooks[f"MLP {layer}"] = (f"blocks.{layer}.hook_mlp_out", None)
+    current: dict[str, t.Tensor] = {}
+
+    def record(x: t.Tensor, hook) -> None:
+        current[hook.name] = x
+
+    def value(cache, src: str) -> t.Tensor:
+        name, head = src_hooks[src]
+        return cache[name] if head is None else cache[name][:, :, head]
+
+    by_hook: dict[str, list] = {}
+    for src, dest, seq_idx, mask in edge_values:
+        if dest == "Resid End":
+            hook_name, head = f"blocks.{oracle.cfg.n_layers - 1}.hook_resid_post", None
+        elif dest.startswith("MLP"):
+            hook_name, head = f"blocks.{int(dest.split()[1])}.hook_mlp_in", None
+        else:
+            parts = dest[1:].split(".")
+            kind = f"{parts[2].lower()}_input" if len(parts) == 3 else "attn_in"
+            hook_name, head = f"blocks.{parts[0]}.hook_{kind}", int(parts[1])
+        by_hook.setdefault(hook_name, []).append((src, head, seq_idx, mask))
+
+    def patch(x: t.Tensor, hook) -> t.Tensor:
+        x = x.clone()
+        for src, head, seq_idx, mask in by_hook[hook.name]:
+            diff = mask * (value(corrupt_cache, src) - value(current, src))
+            if seq_idx is not None:
+                only_here = t.zeros(SEQ, 1)
+                only_here[seq_idx] = 1.0
+                diff = diff * only_here
+            if head is None:
+                x += diff
+            else:
+                x[:, :, head] += diff
+        return x
+
+    recorders = [(name, record) for name, _ in set(src_hooks.values())]
+    patches = [(name, patch) for name in by_hook]
+    return oracle.run_with_hooks(CLEAN, fwd_hooks=recorders + patches)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("seq_len", [None, SEQ])
+@pytest.mark.parametrize("separate_qkv", [True, False])
+@pytest.mark.parametrize(
+    "model_kwargs", [{}, {"parallel_attn_mlp": True}, {"attn_only": True}], ids=str
+)
+def test_fractional_masks_on_many_edges_match_a_hook_oracle(
+    model_kwargs, separate_qkv, seq_len, grad
+):
+    """Every edge at once with random fractional masks, with and without gradients. The
+    masks leave block 1's attention inputs off for the first sources and block 2's off
+    entirely, so the MLPs' and the final residual's sums are formed in every way the
+    engine has (alone, or partly inside a block's fused Q/K/V product)."""
+    pm = patchable_model(
+        make_tl_model(**model_kwargs), True, seq_len=seq_len, separate_qkv=separate_qkv
+    )
+    gen = t.Generator().manual_seed(5)
+    with t.no_grad():
+        for name, mask in pm.patch_masks.items():
+            mask.copy_(t.rand(mask.shape, generator=gen))
+            if ".1.hook_q" in name or ".1.hook_k" in name or ".1.hook_v" in name:
+                mask[..., :3] = 0.0
+            if ".1.hook_attn_in" in name:
+                mask[..., :3] = 0.0
+            if name.startswith("blocks.2.hook_") and not name.endswith(("mlp_in", "resid_post")):
+                mask.zero_()
+    edge_values = [
+        (e.src.name, e.dest.name, e.seq_idx, float(e.patch_mask(pm)[e.patch_idx])) for e in pm.edges
+    ]
+    edge_values = [ev for ev in edge_values if ev[3] != 0.0]
+    assert len(edge_values) > 20
+    expected = oracle_masked_patch(model_kwargs, edge_values, separate_qkv)
+    with t.set_grad_enabled(grad), patch_mode(pm, src_ablations(pm, CORRUPT)):
+        got = pm(CLEAN)
+        again = pm(CLEAN)  # the buffers a forward without gradients reuses
+    assert (expected - make_tl_model(**model_kwargs)(CLEAN)).abs().max() > 1e-2
+    t.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    t.testing.assert_close(again, got, atol=0, rtol=0)

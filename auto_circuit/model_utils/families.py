@@ -35,6 +35,23 @@ ReadSources = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
+class DiffWriter:
+    """Writes ``patch - read(output)`` straight into the engine's table of differences,
+    without forming the contributions as a tensor of their own (forwards without
+    gradients; e.g. heads: one ``baddbmm`` of ``z`` and ``W_O`` into the table rows).
+
+    ``shape``: hooked output -> the ``[n_src, batch, seq, d_model]`` shape ``read`` would
+    give. ``write(output, patch, out)``: ``patch`` broadcasts to ``out`` (batch and seq
+    may be 1); ``out`` is a view of the table, contiguous or (per-position graphs)
+    ``[n_src, batch, seq, d_model]`` with each position's ``[n_src, batch, d_model]``
+    contiguous.
+    """
+
+    shape: Callable[[Tensor], tuple[int, int, int, int]]
+    write: Callable[[Tensor, Tensor, Tensor], None]
+
+
+@dataclass(frozen=True)
 class Delta:
     """A destination's patch delta ``[batch, seq, (head,) d_model]``, computed on call.
 
@@ -68,6 +85,7 @@ class SrcSite:
     hook_module: str
     src_idxs: range
     read: ReadSources
+    diff_writer: DiffWriter | None = None
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from auto_circuit.model_utils.families import (
     Delta,
     DestHook,
     DestSite,
+    DiffWriter,
     FamilyGraph,
     GetDelta,
     Interceptor,
@@ -255,6 +256,37 @@ def _head_reader(attn: t.nn.Module):
         return t.einsum("bshe,hed->hbsd", z, attn.W_O)
 
     return read
+
+
+def _head_diff_writer(attn: Any) -> DiffWriter:
+    """``patch - z_h W_O_h`` for every head, accumulated into the table rows by one
+    ``baddbmm`` (one per position in per-position tables) instead of a head-output
+    tensor and a subtraction: about half the memory traffic."""
+
+    def shape(z: Float[Tensor, "batch seq head d_head"]) -> tuple[int, int, int, int]:
+        batch, seq, n_heads, _ = z.shape
+        return n_heads, batch, seq, attn.W_O.shape[-1]
+
+    def write(
+        z: Float[Tensor, "batch seq head d_head"],
+        patch: Tensor,
+        out: Float[Tensor, "head batch seq d_model"],
+    ) -> None:
+        weight = attn.W_O
+        if not (z.dtype == weight.dtype == out.dtype):
+            t.sub(patch, t.einsum("bshe,hed->hbsd", z, weight.to(z.dtype)), out=out)
+            return
+        n_heads, batch, seq, d_model = out.shape
+        out.copy_(patch.expand_as(out))
+        per_head = z.permute(2, 0, 1, 3)  # [head, batch, seq, d_head]
+        if out.is_contiguous():
+            flat = per_head.reshape(n_heads, batch * seq, -1)
+            out.view(n_heads, batch * seq, d_model).baddbmm_(flat, weight, alpha=-1)
+        else:
+            for pos in range(seq):
+                out[:, :, pos].baddbmm_(per_head[:, :, pos], weight, alpha=-1)
+
+    return DiffWriter(shape, write)
 
 
 def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelta:
@@ -550,10 +582,11 @@ def _src_sites(model, srcs: set[SrcNode]) -> list[SrcSite]:
     for name, idxs in by_module.items():
         if name.endswith("attn.hook_result"):
             attn_name = name.rsplit(".", 1)[0]
-            hook, read = f"{attn_name}.hook_z", _head_reader(model.get_submodule(attn_name))
+            attn = model.get_submodule(attn_name)
+            hook, read, writer = f"{attn_name}.hook_z", _head_reader(attn), _head_diff_writer(attn)
         else:
-            hook, read = name, _read_resid
-        sites.append(SrcSite(name, hook, contiguous_range(idxs, name), read))
+            hook, read, writer = name, _read_resid, None
+        sites.append(SrcSite(name, hook, contiguous_range(idxs, name), read, writer))
     return sites
 
 

@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from auto_circuit.errors import CircuitError
 from auto_circuit.model_utils.families import ApplyDelta, Delta, DestSite, FamilyGraph, SrcSite
 from auto_circuit.types import MaskFn
+from auto_circuit.utils.scratch import empty_scratch
 from auto_circuit.utils.tensor_ops import sample_hard_concrete
 
 
@@ -48,8 +49,10 @@ class PatchState:
     training: bool = False
     # Per forward pass (cleared before and after each one):
     outputs: dict[int, Tensor] = field(default_factory=dict)
-    currents: dict[int, Tensor] = field(default_factory=dict)
+    currents: dict[int, Tensor | None] = field(default_factory=dict)  # None: not kept
     dest_deltas: dict[str, Tensor | None] = field(default_factory=dict)
+    # Partial deltas computed early (see PatchEngine.riders): the sources they cover.
+    partials: dict[str, tuple[range, Tensor]] = field(default_factory=dict)
     mask_samples: dict[str, Tensor] = field(default_factory=dict)
     probes: dict[str, Tensor] = field(default_factory=dict)
     table: Tensor | None = None  # [n_src, batch*seq*d] (or [seq, n_src, batch*d]): P - C
@@ -64,6 +67,7 @@ class PatchState:
         self.outputs.clear()
         self.currents.clear()
         self.dest_deltas.clear()
+        self.partials.clear()
         self.mask_samples.clear()
         self.probes.clear()
         self.table = None
@@ -134,6 +138,7 @@ class PatchEngine:
             ]
             for d in graph.dest_sites
         }
+        self.riders: dict[str, list[DestSite]] = _riders(graph.dest_sites)
         self.masks: dict[str, t.nn.Parameter] = {
             d.module_name: t.nn.Parameter(
                 t.zeros(self.mask_shape(d), device=device, dtype=dtype), requires_grad=False
@@ -292,16 +297,16 @@ class PatchEngine:
         if site.module_name in state.dest_deltas:
             value = state.dest_deltas[site.module_name]
             return None if value is None else Delta(lambda: value, owned=_sole_reader(site))
+        if site.module_name in state.partials:
+            return self._finish_partial(site)
         span = self._active_range(site)
         if not span:
             state.dest_deltas[site.module_name] = None
             return None
         groups = self._fill_table(span)
-        table = state.table
-        assert table is not None
         mask = self.mask_values(site, state.table_shape[0])
         cols = mask[..., span.start - site.in_srcs.start : span.stop - site.in_srcs.start]
-        rows = table[:, span.start : span.stop] if self.seq_len else table[span.start : span.stop]
+        rows = self._rows(span)
         batch_masks = mask.ndim > len(self.mask_shape(site))
         if batch_masks and mask.shape[0] != state.table_shape[0]:
             raise CircuitError(
@@ -309,7 +314,7 @@ class PatchEngine:
                 f"the input has {state.table_shape[0]} prompts; use the same batch size."
             )
         compute = self._masked_sum_fn(site, batch_masks, len(span))
-        currents = [c for _, c in groups if c.requires_grad]
+        currents = [c for _, c in groups if c is not None and c.requires_grad]
         if not t.is_grad_enabled() or not (cols.requires_grad or currents):
             partners = [
                 p
@@ -325,7 +330,11 @@ class PatchEngine:
             value = state.dest_deltas[site.module_name]
             assert value is not None
             return Delta(lambda: value, owned=_sole_reader(site))
-        slots = [(g.start - span.start, g.stop - span.start) for g, c in groups if c.requires_grad]
+        slots = [
+            (g.start - span.start, g.stop - span.start)
+            for g, c in groups
+            if c is not None and c.requires_grad
+        ]
         layout = (self.seq_len is not None, state.table_shape, batch_masks)
         # All masks 0 (mask-gradient attribution): the delta is 0 and is not computed.
         zero_shape = None
@@ -338,7 +347,10 @@ class PatchEngine:
 
     def _fused_deltas(self, site: DestSite, partners: list[DestSite]) -> None:
         """Deltas of sites sharing their sources (a block's Q, K, V) from one matmul over
-        the union of their active sources: the table rows are read once, not per site."""
+        the union of their active sources: the table rows are read once, not per site.
+        Without gradients, the same matmul also gives the sites that ride on this group
+        (``riders``: the block's MLP, the final residual) their sum over these sources;
+        they add the rest when their own hook asks (``_finish_partial``)."""
         state = self.state
         sites = [site]
         for partner in partners:
@@ -348,34 +360,80 @@ class PatchEngine:
                 state.dest_deltas[partner.module_name] = None
         spans = [self._active_range(s) for s in sites]
         span = range(min(r.start for r in spans), max(r.stop for r in spans))
+        riders = []
+        if not t.is_grad_enabled() and site.fuse_key is not None:
+            riders = [
+                r
+                for r in self.riders.get(site.fuse_key, [])
+                if r.module_name not in state.dest_deltas
+                and r.module_name not in state.partials
+                and self.masks[r.module_name].ndim == len(self.mask_shape(r))
+                and r.in_srcs.start <= span.start
+                and span.stop <= r.in_srcs.stop
+                and self._active_range(r)
+            ]
         self._fill_table(span)
         table = state.table
         assert table is not None
-        first = span.start - site.in_srcs.start
+        batch = state.table_shape[0]
         cols = t.cat(
             [
-                self.mask_values(s, state.table_shape[0])[..., first : first + len(span)]
+                self.mask_values(s, batch)[..., span.start - s.in_srcs.start :][..., : len(span)]
                 for s in sites
+            ]
+            + [
+                self.mask_values(r, batch)[..., span.start - r.in_srcs.start :][
+                    ..., : len(span)
+                ].unsqueeze(-2)
+                for r in riders
             ],
             dim=-2,
         )
-        rows = table[:, span.start : span.stop] if self.seq_len else table[span.start : span.stop]
-        heads = [s.n_heads or 1 for s in sites]
+        rows = self._rows(span)
+        heads = [s.n_heads or 1 for s in sites] + [1] * len(riders)
         fused = DestSite("fused", (), sum(heads), site.in_srcs)
         with t.no_grad():
             out = None
             if not t.is_grad_enabled():
                 # One buffer for every block's deltas: a block's hooks have read them
-                # before the next block's are computed.
+                # before the next block's are computed. A partial delta not used yet
+                # (never, in the families shipped) is moved out first.
+                for name, (covered, partial) in state.partials.items():
+                    state.partials[name] = (covered, partial.clone())
                 numel = sum(heads) * rows.shape[-1] * (self.seq_len or 1)
                 spare = state.spare_deltas
                 if spare is None or spare.numel() < numel or spare.dtype != table.dtype:
                     state.spare_deltas = None
-                    spare = state.spare_deltas = table.new_empty(numel)
+                    spare = state.spare_deltas = empty_scratch((numel,), table.dtype, table.device)
                 out = spare[:numel]
             value = self._masked_sum_fn(fused, False, len(span))(cols, rows, out)
-        for s, part in zip(sites, value.split(heads, dim=2), strict=True):
+        parts = value.split(heads, dim=2)
+        for s, part in zip(sites, parts, strict=False):
             state.dest_deltas[s.module_name] = part
+        for r, part in zip(riders, parts[len(sites) :], strict=True):
+            state.partials[r.module_name] = (span, part.squeeze(2))
+
+    def _finish_partial(self, site: DestSite) -> Delta:
+        """A rider's delta: its partial sum plus the sources the partial did not cover."""
+        state = self.state
+        covered, value = state.partials.pop(site.module_name)
+        active = self._active_range(site)
+        mask = self.mask_values(site, state.table_shape[0])
+        before = range(active.start, min(covered.start, active.stop))
+        after = range(max(covered.stop, active.start), active.stop)
+        for part in (p for p in (before, after) if p):
+            self._fill_table(part)
+            cols = mask[..., part.start - site.in_srcs.start : part.stop - site.in_srcs.start]
+            with t.no_grad():
+                value.add_(self._masked_sum_fn(site, False, len(part))(cols, self._rows(part)))
+        state.dest_deltas[site.module_name] = value
+        return Delta(lambda: value, owned=_sole_reader(site))
+
+    def _rows(self, span: range) -> Tensor:
+        """The table rows of the sources ``span`` (filled by ``_fill_table``)."""
+        table = self.state.table
+        assert table is not None
+        return table[:, span.start : span.stop] if self.seq_len else table[span.start : span.stop]
 
     def _masked_sum_fn(self, site: DestSite, batch_masks: bool, n: int) -> Callable[..., Tensor]:
         """``(mask columns, table rows, out=None) -> delta [batch, seq, (head,) d_model]``;
@@ -404,9 +462,11 @@ class PatchEngine:
 
         return compute
 
-    def _fill_table(self, span: range) -> list[tuple[range, Tensor]]:
+    def _fill_table(self, span: range) -> list[tuple[range, Tensor | None]]:
         """Write ``P - C`` of every source group overlapping ``span`` into this forward's
-        table (once per group); returns (source range, current output) of those groups."""
+        table (once per group); returns (source range, current output) of those groups.
+        The current output is None where it was written straight into the table by the
+        family's ``DiffWriter`` (no gradients: nothing else reads it)."""
         state = self.state
         groups = []
         for i, site in enumerate(self.src_sites):
@@ -414,33 +474,42 @@ class PatchEngine:
             if src.stop <= span.start or src.start >= span.stop:
                 continue
             if i not in state.currents:
-                current = self._current(i)
                 patch = state.patch_src_outs
                 assert patch is not None
                 patch = patch[src.start : src.stop]
-                if not _broadcastable(patch.shape[1:], current.shape[1:]):
-                    raise CircuitError(
-                        f"patch_src_outs has [batch, seq, d_model] = {list(patch.shape[1:])} "
-                        f"but source {site.module_name} produced {list(current.shape[1:])} in "
-                        "this forward. Compute the ablations on a batch of the same shape as "
-                        "the input (batch and seq of size 1 broadcast)."
-                    )
-                self._check_seq(current)
-                table = self._table(current)
+                writer = site.diff_writer
+                direct = (
+                    writer is not None
+                    and i in state.outputs
+                    and not state.patch_is_delta
+                    and not t.is_grad_enabled()
+                )
+                if direct:
+                    assert writer is not None
+                    output = state.outputs[i]
+                    shape, dtype, device = writer.shape(output), output.dtype, output.device
+                else:
+                    current = self._current(i)
+                    shape, dtype, device = tuple(current.shape), current.dtype, current.device
+                self._check_shapes(site, patch.shape, shape)
+                table = self._table(shape[1:], dtype, device)
                 with t.no_grad():
-                    patch = patch.to(current.dtype)
+                    patch = patch.to(dtype)
                     if self.seq_len is not None:
                         view = table[:, src.start : src.stop].view(
                             self.seq_len, len(src), *state.table_shape[:1], -1
                         )
                         view = view.permute(1, 2, 0, 3)  # [n, batch, seq, d] view of the rows
                     else:
-                        view = table[src.start : src.stop].view(current.shape)
-                    if state.patch_is_delta:
+                        view = table[src.start : src.stop].view(shape)
+                    if direct:
+                        assert writer is not None
+                        writer.write(output, patch, view)
+                    elif state.patch_is_delta:
                         view.copy_(patch.expand_as(current))
                     else:
                         t.sub(patch, current.detach(), out=view)  # no temporary
-                state.currents[i] = current
+                state.currents[i] = None if direct else current
             groups.append((src, state.currents[i]))
         return groups
 
@@ -461,40 +530,48 @@ class PatchEngine:
             "started at a later layer) and no curr_src_outs were given to patch_mode."
         )
 
-    def _check_seq(self, current: Tensor) -> None:
-        if self.seq_len is not None and current.shape[2] != self.seq_len:
+    def _check_shapes(self, site: SrcSite, patch: t.Size, current: tuple[int, ...]) -> None:
+        """The patch values fit the source's output in this forward, and the input has
+        the graph's number of token positions."""
+        if not _broadcastable(patch[1:], t.Size(current[1:])):
+            raise CircuitError(
+                f"patch_src_outs has [batch, seq, d_model] = {list(patch[1:])} "
+                f"but source {site.module_name} produced {list(current[1:])} in "
+                "this forward. Compute the ablations on a batch of the same shape as "
+                "the input (batch and seq of size 1 broadcast)."
+            )
+        if self.seq_len is not None and current[2] != self.seq_len:
             raise CircuitError(
                 f"The model was made patchable with seq_len={self.seq_len}, but this input "
-                f"has {current.shape[2]} token positions. Use prompts of exactly "
+                f"has {current[2]} token positions. Use prompts of exactly "
                 f"{self.seq_len} tokens (after any KV-cache prefix), or seq_len=None."
             )
 
-    def _table(self, current: Tensor) -> Tensor:
-        """This forward's table of source differences, allocated on first use.
+    def _table(self, shape: tuple[int, ...], dtype: t.dtype, device: t.device) -> Tensor:
+        """This forward's table of source differences, allocated on first use for
+        sources of ``shape`` ``[batch, seq, d_model]``.
 
         Layout ``[n_src, batch*seq*d_model]``, or ``[seq, n_src, batch*d_model]`` for
         per-position graphs, so each destination's delta is one (batched) matmul.
         """
         state = self.state
         if state.table is None:
-            batch, seq, d_model = current.shape[1:]
+            batch, seq, d_model = shape
             n_src = self.src_sites[-1].src_idxs.stop
-            shape = (
-                (seq, n_src, batch * d_model) if self.seq_len else (n_src, batch * seq * d_model)
-            )
+            size = (seq, n_src, batch * d_model) if self.seq_len else (n_src, batch * seq * d_model)
             spare = state.spare_table
             if t.is_grad_enabled():
-                state.table = t.empty(shape, device=current.device, dtype=current.dtype)
+                state.table = t.empty(size, device=device, dtype=dtype)
             elif (
                 spare is not None
-                and spare.shape == shape
-                and spare.dtype == current.dtype
-                and spare.device == current.device
+                and spare.shape == size
+                and spare.dtype == dtype
+                and spare.device == device
             ):
                 state.table = spare
             else:
                 state.table = state.spare_table = None  # free the old one first
-                state.table = t.empty(shape, device=current.device, dtype=current.dtype)
+                state.table = empty_scratch(size, dtype, device)
                 state.spare_table = state.table
             state.table_shape = (batch, seq, d_model)
         return state.table
@@ -587,6 +664,27 @@ def _autograd_grads(
             grad_cols = grads[0] if need_mask else None
             grad_rows = -grads[-1] if need_rows else None
     return grad_cols, grad_rows
+
+
+def _riders(sites: list[DestSite]) -> dict[str, list[DestSite]]:
+    """For each fuse group (by ``fuse_key``), the sites without one whose sources start
+    with the group's and extend it least far among the groups: a block's MLP rides on
+    that block's Q/K/V group, the final residual on the last block's. Their sum over
+    the group's sources then comes from the group's matmul, which reads those table
+    rows anyway, instead of a matrix-vector product reading them all again."""
+    groups = {d.fuse_key: d.in_srcs for d in sites if d.fuse_key is not None}
+    riders: dict[str, list[DestSite]] = {}
+    for d in sites:
+        if d.fuse_key is not None or d.n_heads is not None:
+            continue
+        below = [
+            (r.stop, key)
+            for key, r in groups.items()
+            if r and r.start == d.in_srcs.start and r.stop <= d.in_srcs.stop
+        ]
+        if below:
+            riders.setdefault(max(below)[1], []).append(d)
+    return riders
 
 
 def _sole_reader(site: DestSite) -> bool:
