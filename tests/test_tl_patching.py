@@ -460,3 +460,45 @@ def test_fractional_masks_on_many_edges_match_a_hook_oracle(
     assert (expected - make_tl_model(**model_kwargs)(CLEAN)).abs().max() > 1e-2
     t.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     t.testing.assert_close(again, got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+@pytest.mark.parametrize("seq_len", [None, SEQ])
+def test_gradients_at_fractional_masks_match_finite_differences(seq_len, per_example):
+    """Every mask trained at once at random fractional values (so gradients also flow
+    through upstream sources' current outputs, ``d delta / d C = -mask``): the gradients
+    of edges of every kind equal central differences of the float64 model."""
+    from auto_circuit.utils.graph_utils import set_mask_batch_size, train_mask_mode
+
+    model = make_tl_model().to(t.float64)
+    pm = patchable_model(model, True, seq_len=seq_len, separate_qkv=True)
+    patch = src_ablations(pm, CORRUPT)
+    batch = CLEAN.shape[0] if per_example else None
+    edges = ["A0.1->A2.3.K", "MLP 0->A1.2.Q", "Resid Start->A1.0.V", "A1.3->MLP 2"]
+    edges += ["MLP 1->Resid End", "A2.2->Resid End", "A0.0->MLP 0"]
+    gen = t.Generator().manual_seed(7)
+
+    def metric() -> t.Tensor:
+        return pm(CLEAN)[:, -1, 7].sum()
+
+    with set_mask_batch_size(pm, batch), train_mask_mode(pm) as masks:
+        with t.no_grad():
+            for mask in masks.values():
+                mask.copy_(t.rand(mask.shape, generator=gen, dtype=t.float64))
+        with patch_mode(pm, patch):
+            metric().backward()
+            for name in edges:
+                edge = pm.edge(name, None if seq_len is None else SEQ - 1)
+                mask = masks[edge.dest.module_name]
+                idx = ((1,) if per_example else ()) + edge.patch_idx
+                assert mask.grad is not None
+                grad = mask.grad[idx].item()
+                saved, eps = mask.data[idx].item(), 1e-5
+                with t.no_grad():
+                    mask.data[idx] = saved + eps
+                    up = metric().item()
+                    mask.data[idx] = saved - eps
+                    down = metric().item()
+                    mask.data[idx] = saved
+                assert abs(grad) > 1e-6, name
+                assert grad == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9), name

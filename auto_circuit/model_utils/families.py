@@ -42,9 +42,8 @@ class DiffWriter:
 
     ``shape``: hooked output -> the ``[n_src, batch, seq, d_model]`` shape ``read`` would
     give. ``write(output, patch, out)``: ``patch`` broadcasts to ``out`` (batch and seq
-    may be 1); ``out`` is a view of the table, contiguous or (per-position graphs)
-    ``[n_src, batch, seq, d_model]`` with each position's ``[n_src, batch, d_model]``
-    contiguous.
+    may be 1); ``out`` is a strided view of the table whose batch and seq dimensions
+    merge (``out.view(n_src, batch * seq, d_model)`` works).
     """
 
     shape: Callable[[Tensor], tuple[int, int, int, int]]

@@ -260,8 +260,8 @@ def _head_reader(attn: t.nn.Module):
 
 def _head_diff_writer(attn: Any) -> DiffWriter:
     """``patch - z_h W_O_h`` for every head, accumulated into the table rows by one
-    ``baddbmm`` (one per position in per-position tables) instead of a head-output
-    tensor and a subtraction: about half the memory traffic."""
+    ``baddbmm`` instead of a head-output tensor and a subtraction: about half the
+    memory traffic."""
 
     def shape(z: Float[Tensor, "batch seq head d_head"]) -> tuple[int, int, int, int]:
         batch, seq, n_heads, _ = z.shape
@@ -278,13 +278,8 @@ def _head_diff_writer(attn: Any) -> DiffWriter:
             return
         n_heads, batch, seq, d_model = out.shape
         out.copy_(patch.expand_as(out))
-        per_head = z.permute(2, 0, 1, 3)  # [head, batch, seq, d_head]
-        if out.is_contiguous():
-            flat = per_head.reshape(n_heads, batch * seq, -1)
-            out.view(n_heads, batch * seq, d_model).baddbmm_(flat, weight, alpha=-1)
-        else:
-            for pos in range(seq):
-                out[:, :, pos].baddbmm_(per_head[:, :, pos], weight, alpha=-1)
+        per_head = z.permute(2, 0, 1, 3).reshape(n_heads, batch * seq, -1)
+        out.view(n_heads, batch * seq, d_model).baddbmm_(per_head, weight, alpha=-1)
 
     return DiffWriter(shape, write)
 
@@ -340,27 +335,24 @@ def _rebuild_in_place(
     norm: _NormForm,
 ) -> Float[Tensor, "batch seq head d_head"]:
     """``norm(resid + delta_h) W_h + b_h`` without gradients and without a new per-head
-    ``[head, batch, seq, d_model]`` tensor: the sum is formed in the delta's own memory
+    ``[batch, seq, head, d_model]`` tensor: the sum is formed in the delta's own memory
     (when the engine hands it over, else in one copy), centred in place, and the
     normalisation's scale, weight and bias are applied on the ``d_head`` side."""
-    per_head = delta().permute(2, 0, 1, 3)
-    if not per_head.is_contiguous():
-        x = per_head.contiguous()  # a copy already
-    else:
-        x = per_head if delta.owned else per_head.clone()
-    n_heads, batch, seq, d_model = x.shape
-    x.add_(resid.to(x.dtype).unsqueeze(0))
+    x = delta() if delta.owned else delta().clone()
+    batch, seq, n_heads, d_model = x.shape
+    x.add_(resid.to(x.dtype).unsqueeze(2))
     if norm.centered:
         x.sub_(x.mean(dim=-1, keepdim=True))
     # (var_mean would do both in one pass, but its CPU kernel is ~10x slower)
     var = t.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_model)
-    scale = var.add_(norm.eps).rsqrt_().view(n_heads, batch * seq, 1)
+    scale = var.add_(norm.eps).rsqrt_()  # [batch, seq, head, 1]
     shift = bias if norm.bias is None else bias + t.einsum("d,hde->he", norm.bias, weight)
     if norm.weight is not None:
         weight = weight * norm.weight[None, :, None]
-    projected = t.bmm(x.view(n_heads, batch * seq, d_model), weight).mul_(scale)
-    projected.add_(shift.unsqueeze(1))
-    return projected.view(n_heads, batch, seq, -1).permute(1, 2, 0, 3)
+    # Head-major views for one bmm; the delta's layout lets batch and seq merge.
+    per_head = x.permute(2, 0, 1, 3).view(n_heads, batch * seq, d_model)
+    projected = t.bmm(per_head, weight).view(n_heads, batch, seq, -1).permute(1, 2, 0, 3)
+    return projected.mul_(scale).add_(shift)
 
 
 @dataclass(frozen=True)

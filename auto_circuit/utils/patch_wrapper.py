@@ -335,7 +335,7 @@ class PatchEngine:
             for g, c in groups
             if c is not None and c.requires_grad
         ]
-        layout = (self.seq_len is not None, state.table_shape, batch_masks)
+        layout = _Layout(state.table_shape, self.seq_len is not None, batch_masks)
         # All masks 0 (mask-gradient attribution): the delta is 0 and is not computed.
         zero_shape = None
         if not bool(cols.detach().any()):
@@ -400,7 +400,7 @@ class PatchEngine:
                 # (never, in the families shipped) is moved out first.
                 for name, (covered, partial) in state.partials.items():
                     state.partials[name] = (covered, partial.clone())
-                numel = sum(heads) * rows.shape[-1] * (self.seq_len or 1)
+                numel = sum(heads) * rows.shape[0] * rows.shape[-1]
                 spare = state.spare_deltas
                 if spare is None or spare.numel() < numel or spare.dtype != table.dtype:
                     state.spare_deltas = None
@@ -433,31 +433,19 @@ class PatchEngine:
         """The table rows of the sources ``span`` (filled by ``_fill_table``)."""
         table = self.state.table
         assert table is not None
-        return table[:, span.start : span.stop] if self.seq_len else table[span.start : span.stop]
+        return table[:, span.start : span.stop]
 
     def _masked_sum_fn(self, site: DestSite, batch_masks: bool, n: int) -> Callable[..., Tensor]:
         """``(mask columns, table rows, out=None) -> delta [batch, seq, (head,) d_model]``;
-        ``out``: flat memory for the product (shared masks only)."""
-        batch, seq, d_model = self.state.table_shape
+        ``out``: contiguous memory for the product."""
         heads = site.n_heads is not None
-        n_heads = site.n_heads or 1
-        per_position = self.seq_len is not None
+        layout = _Layout(self.state.table_shape, self.seq_len is not None, batch_masks)
 
         def compute(cols: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
-            if batch_masks:
-                m = cols.reshape(batch, *((seq,) if per_position else ()), n_heads, n)
-                if per_position:
-                    out = t.einsum("bshn,snbd->bshd", m, rows.view(seq, n, batch, d_model))
-                else:
-                    out = t.einsum("bhn,nbsd->bshd", m, rows.view(n, batch, seq, d_model))
-            elif per_position:
-                target = None if out is None else out.view(seq, n_heads, batch * d_model)
-                prod = t.bmm(cols.reshape(seq, n_heads, n), rows, out=target)
-                out = prod.view(seq, n_heads, batch, d_model).permute(2, 0, 1, 3)
-            else:
-                target = None if out is None else out.view(n_heads, batch * seq * d_model)
-                prod = t.mm(cols.reshape(n_heads, n), rows, out=target)
-                out = prod.view(n_heads, batch, seq, d_model).permute(1, 2, 0, 3)
+            m = layout.masks(cols, site.n_heads or 1, n)
+            if out is not None:
+                out = out.view(*layout.table_shape[:2], site.n_heads or 1, -1)
+            out = t.matmul(m, layout.rows(rows), out=out)
             return out if heads else out.squeeze(2)
 
         return compute
@@ -495,13 +483,9 @@ class PatchEngine:
                 table = self._table(shape[1:], dtype, device)
                 with t.no_grad():
                     patch = patch.to(dtype)
-                    if self.seq_len is not None:
-                        view = table[:, src.start : src.stop].view(
-                            self.seq_len, len(src), *state.table_shape[:1], -1
-                        )
-                        view = view.permute(1, 2, 0, 3)  # [n, batch, seq, d] view of the rows
-                    else:
-                        view = table[src.start : src.stop].view(shape)
+                    # [n, batch, seq, d] view of the rows
+                    view = table[:, src.start : src.stop].view(*shape[1:3], len(src), -1)
+                    view = view.permute(2, 0, 1, 3)
                     if direct:
                         assert writer is not None
                         writer.write(output, patch, view)
@@ -551,14 +535,17 @@ class PatchEngine:
         """This forward's table of source differences, allocated on first use for
         sources of ``shape`` ``[batch, seq, d_model]``.
 
-        Layout ``[n_src, batch*seq*d_model]``, or ``[seq, n_src, batch*d_model]`` for
-        per-position graphs, so each destination's delta is one (batched) matmul.
+        Layout ``[batch*seq, n_src, d_model]``: token-major, so that each destination's
+        delta is one matmul batched over tokens, written in the delta's own
+        ``[batch, seq, head, d_model]`` layout (measured ~20% faster here than one
+        ``[head, n] @ [n, batch*seq*d_model]`` product, whose small inner dimension makes
+        the BLAS repack the whole table).
         """
         state = self.state
         if state.table is None:
             batch, seq, d_model = shape
             n_src = self.src_sites[-1].src_idxs.stop
-            size = (seq, n_src, batch * d_model) if self.seq_len else (n_src, batch * seq * d_model)
+            size = (batch * seq, n_src, d_model)
             spare = state.spare_table
             if t.is_grad_enabled():
                 state.table = t.empty(size, device=device, dtype=dtype)
@@ -586,7 +573,7 @@ class _TableMaskedSum(t.autograd.Function):
 
     @staticmethod
     def forward(ctx, cols, compute, rows, layout, slots, zero_shape, *currents):  # type: ignore[override]
-        ctx.compute, ctx.rows, ctx.layout, ctx.slots = compute, rows, layout, slots
+        ctx.rows, ctx.layout, ctx.slots = rows, layout, slots
         ctx.save_for_backward(cols)
         if zero_shape is not None:
             return rows.new_zeros(()).expand(zero_shape)
@@ -596,74 +583,52 @@ class _TableMaskedSum(t.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (cols,) = ctx.saved_tensors
+        layout: _Layout = ctx.layout
         need_mask = ctx.needs_input_grad[0]
         need_currents = any(ctx.needs_input_grad[6:]) and bool(cols.detach().any())
-        per_position, (batch, seq, d_model), batch_masks = ctx.layout
-        if batch_masks:
-            grad_cols, neg_grad_rows = _autograd_grads(ctx, cols, grad, need_mask, need_currents)
-        else:
-            grad_cols, neg_grad_rows = _direct_grads(
-                cols, ctx.rows, grad, per_position, (batch, seq, d_model), need_mask, need_currents
-            )
+        batch, seq, d_model = layout.table_shape
+        g = grad.reshape(batch, seq, -1, d_model)  # [batch, seq, head, d]
+        n = cols.shape[-1]
+        m = layout.masks(cols, g.shape[2], n)  # [batch|1, seq|1, head, n]
+        rows = layout.rows(ctx.rows)  # [batch, seq, n, d]
+        grad_cols = neg_grad_rows = None
+        if need_mask:  # summed over the tokens that share a mask
+            per_token = t.matmul(g, rows.transpose(-1, -2))  # [batch, seq, head, n]
+            shared = [dim for dim in (0, 1) if m.shape[dim] == 1]
+            if shared:  # (an empty list would sum over every dimension)
+                per_token = per_token.sum(shared, keepdim=True)
+            grad_cols = per_token.reshape(cols.shape)
+        if need_currents:  # d delta / d C = -mask; the sign folded into the small mask
+            neg_grad_rows = t.matmul((-m).transpose(-1, -2), g)  # [batch, seq, n, d]
         grad_currents = []
         for (lo, hi), needs in zip(ctx.slots, ctx.needs_input_grad[6:], strict=True):
             if neg_grad_rows is None or not needs:
                 grad_currents.append(None)
-            elif per_position:
-                g = neg_grad_rows[:, lo:hi].reshape(seq, hi - lo, batch, d_model)
-                grad_currents.append(g.permute(1, 2, 0, 3))
             else:
-                grad_currents.append(neg_grad_rows[lo:hi].view(hi - lo, batch, seq, d_model))
+                grad_currents.append(neg_grad_rows[:, :, lo:hi].permute(2, 0, 1, 3))
         return (grad_cols, None, None, None, None, None, *grad_currents)
 
 
-def _direct_grads(
-    cols: Tensor,
-    rows: Tensor,
-    grad: Tensor,
-    per_position: bool,
-    shape: tuple[int, int, int],
-    need_mask: bool,
-    need_rows: bool,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of the masked sum for the mask and (negated, as ``d delta / d C``) for the
-    table rows: one matmul each, no recomputation, the sign folded into the small mask."""
-    batch, seq, d_model = shape
-    n = cols.shape[-1]
-    per_dest = grad.reshape(batch, seq, -1, d_model)  # [batch, seq, head, d]
-    n_heads = per_dest.shape[2]
-    grad_cols = neg_grad_rows = None
-    if per_position:
-        m = cols.reshape(seq, n_heads, n)
-        g = per_dest.permute(1, 2, 0, 3).reshape(seq, n_heads, batch * d_model)
-        if need_mask:
-            grad_cols = t.bmm(g, rows.transpose(1, 2)).reshape(cols.shape)
-        if need_rows:
-            neg_grad_rows = t.bmm((-m).transpose(1, 2), g)
-    else:
-        m = cols.reshape(n_heads, n)
-        g = per_dest.permute(2, 0, 1, 3).reshape(n_heads, batch * seq * d_model)
-        if need_mask:
-            grad_cols = (g @ rows.T).reshape(cols.shape)
-        if need_rows:
-            neg_grad_rows = (-m).T @ g
-    return grad_cols, neg_grad_rows
+@dataclass(frozen=True)
+class _Layout:
+    """How masks and table rows are shaped for the masked sum ``delta = m @ rows``,
+    batched over tokens: the table holds ``[batch*seq, n_src, d_model]``, and a mask
+    column block is shared by every token (``[head, n]``), by the tokens of a position
+    (``[seq, head, n]``), or given per example (``[batch, (seq,) head, n]``)."""
 
+    table_shape: tuple[int, int, int]  # batch, seq, d_model
+    per_position: bool
+    batch_masks: bool
 
-def _autograd_grads(
-    ctx: Any, cols: Tensor, grad: Tensor, need_mask: bool, need_rows: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """The same gradients through autograd (per-example masks: any layout)."""
-    grad_cols = grad_rows = None
-    with t.enable_grad():
-        m = cols.detach().requires_grad_(need_mask)
-        r = ctx.rows.detach().requires_grad_(need_rows)
-        inputs = [x for x in (m, r) if x.requires_grad]
-        if inputs:
-            grads = t.autograd.grad(ctx.compute(m, r), inputs, grad)
-            grad_cols = grads[0] if need_mask else None
-            grad_rows = -grads[-1] if need_rows else None
-    return grad_cols, grad_rows
+    def masks(self, cols: Tensor, n_heads: int, n: int) -> Tensor:
+        batch, seq, _ = self.table_shape
+        return cols.reshape(
+            batch if self.batch_masks else 1, seq if self.per_position else 1, n_heads, n
+        )
+
+    def rows(self, rows: Tensor) -> Tensor:
+        batch, seq, d_model = self.table_shape
+        return rows.view(batch, seq, rows.shape[1], d_model)
 
 
 def _riders(sites: list[DestSite]) -> dict[str, list[DestSite]]:
