@@ -502,3 +502,25 @@ def test_gradients_at_fractional_masks_match_finite_differences(seq_len, per_exa
                     mask.data[idx] = saved
                 assert abs(grad) > 1e-6, name
                 assert grad == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9), name
+
+
+def test_weights_changed_between_forwards_are_used():
+    """The no-grad rebuild keeps the norm's weight and bias folded into W_Q/K/V between
+    forwards; changing a weight in place, or replacing it, must still take effect (the
+    forward with gradients, which folds nothing, is the reference)."""
+    model = make_tl_model()
+    pm = patchable_model(model, True, separate_qkv=True)
+    patch = src_ablations(pm, CORRUPT)
+    set_all_masks(pm, 0.6)
+    with patch_mode(pm, patch):
+        with t.no_grad():
+            before = pm(CLEAN)
+            model.blocks[1].ln1.w.mul_(1.5)
+            model.blocks[2].ln1.b.add_(0.2)
+            changed = pm(CLEAN)
+            model.blocks[1].attn.W_K = t.nn.Parameter(model.blocks[1].attn.W_K * 0.5)
+            replaced = pm(CLEAN)
+        reference = pm(CLEAN)  # gradients on: the checkpointed rebuild
+    set_all_masks(pm, 0.0)
+    assert (changed - before).abs().max() > 1e-3 and (replaced - changed).abs().max() > 1e-3
+    t.testing.assert_close(replaced, reference, atol=1e-5, rtol=1e-4)

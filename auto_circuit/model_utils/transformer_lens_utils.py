@@ -32,6 +32,7 @@ output for every later reader.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import count
@@ -299,15 +300,15 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
     probe = f"blocks.{block_idx}.hook_resid_pre"
 
     def rebuild(resid: Tensor, delta: Delta) -> Tensor:
-        # Head-major [head, batch, seq, d]: the engine's matmul output is laid out so,
-        # and the per-head projection is then one bmm with no transposing copies.
-        per_head = delta().permute(2, 0, 1, 3)
-        normed = ln1(resid.unsqueeze(0) + per_head)
-        n_heads, batch, seq, d_model = normed.shape
+        normed = ln1(resid.unsqueeze(2) + delta())  # [batch, seq, head, d_model]
+        batch, seq, n_heads, d_model = normed.shape
         weight = getattr(attn, f"W_{letter}")
-        projected = t.bmm(normed.reshape(n_heads, batch * seq, d_model), weight)
-        out = projected.view(n_heads, batch, seq, -1).permute(1, 2, 0, 3)
+        # Head-major view (batch and seq merge), so the projection is one bmm.
+        per_head = normed.permute(2, 0, 1, 3).reshape(n_heads, batch * seq, d_model)
+        out = t.bmm(per_head, weight).view(n_heads, batch, seq, -1).permute(1, 2, 0, 3)
         return out + getattr(attn, f"b_{letter}")
+
+    folded = _FoldedProjection()
 
     def apply(
         hooked: Tensor, delta: Delta, probes: Mapping[str, Tensor]
@@ -321,7 +322,9 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
             return checkpoint(rebuild, resid, delta, use_reentrant=False)
         if norm is not None and resid.dtype in (t.float32, t.float64):
             weight, bias = getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}")
-            return _rebuild_in_place(resid, delta, weight, bias, norm)
+            return _rebuild_in_place(
+                resid, delta, *folded(weight, bias, norm), norm.centered, norm.eps
+            )
         return rebuild(resid, delta)
 
     return apply
@@ -331,28 +334,62 @@ def _rebuild_in_place(
     resid: Float[Tensor, "batch seq d_model"],
     delta: Delta,
     weight: Float[Tensor, "head d_model d_head"],
-    bias: Float[Tensor, "head d_head"],
-    norm: _NormForm,
+    shift: Float[Tensor, "head d_head"],
+    centered: bool,
+    eps: float,
 ) -> Float[Tensor, "batch seq head d_head"]:
     """``norm(resid + delta_h) W_h + b_h`` without gradients and without a new per-head
     ``[batch, seq, head, d_model]`` tensor: the sum is formed in the delta's own memory
-    (when the engine hands it over, else in one copy), centred in place, and the
-    normalisation's scale, weight and bias are applied on the ``d_head`` side."""
+    (when the engine hands it over, else in one copy) and centred in place; the
+    normalisation's scale is applied on the ``d_head`` side, its weight and bias are
+    folded into ``weight`` and ``shift`` (``_FoldedProjection``)."""
     x = delta() if delta.owned else delta().clone()
     batch, seq, n_heads, d_model = x.shape
     x.add_(resid.to(x.dtype).unsqueeze(2))
-    if norm.centered:
+    if centered:
         x.sub_(x.mean(dim=-1, keepdim=True))
     # (var_mean would do both in one pass, but its CPU kernel is ~10x slower)
     var = t.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_model)
-    scale = var.add_(norm.eps).rsqrt_()  # [batch, seq, head, 1]
-    shift = bias if norm.bias is None else bias + t.einsum("d,hde->he", norm.bias, weight)
-    if norm.weight is not None:
-        weight = weight * norm.weight[None, :, None]
+    scale = var.add_(eps).rsqrt_()  # [batch, seq, head, 1]
     # Head-major views for one bmm; the delta's layout lets batch and seq merge.
     per_head = x.permute(2, 0, 1, 3).view(n_heads, batch * seq, d_model)
     projected = t.bmm(per_head, weight).view(n_heads, batch, seq, -1).permute(1, 2, 0, 3)
     return projected.mul_(scale).add_(shift)
+
+
+class _FoldedProjection:
+    """``(w * W_h, b W_h + b_h)``: a normalisation's weight ``w`` and bias ``b`` folded
+    into a per-head projection, recomputed only when one of the four tensors is replaced
+    or changed in place (their version counters), not in every forward."""
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._value: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, weight: Tensor, bias: Tensor, norm: _NormForm) -> tuple[Tensor, Tensor]:
+        tensors = (weight, bias, norm.weight, norm.bias)
+        key = tuple(
+            None if x is None else (weakref.ref(x), x._version, x.dtype, x.device) for x in tensors
+        )
+        if self._value is None or not _same_tensors(key, self._key):
+            shift = bias if norm.bias is None else bias + t.matmul(norm.bias, weight)
+            scaled = weight if norm.weight is None else weight * norm.weight[None, :, None]
+            self._key, self._value = key, (scaled, shift)
+        return self._value
+
+
+def _same_tensors(key: tuple, old: tuple) -> bool:
+    """Whether two ``_FoldedProjection`` keys name the same, unchanged tensors."""
+    if len(key) != len(old):
+        return False
+    for new_entry, old_entry in zip(key, old, strict=True):
+        if (new_entry is None) != (old_entry is None):
+            return False
+        if new_entry is not None and (
+            new_entry[0]() is not old_entry[0]() or new_entry[1:] != old_entry[1:]
+        ):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
