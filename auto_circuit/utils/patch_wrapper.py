@@ -53,6 +53,7 @@ class PatchState:
     dest_deltas: dict[str, Tensor | None] = field(default_factory=dict)
     # Partial deltas computed early (see PatchEngine.riders): the sources they cover.
     partials: dict[str, tuple[range, Tensor]] = field(default_factory=dict)
+    active: dict[str, range] = field(default_factory=dict)  # see PatchEngine._active_range
     mask_samples: dict[str, Tensor] = field(default_factory=dict)
     probes: dict[str, Tensor] = field(default_factory=dict)
     table: Tensor | None = None  # [n_src, batch*seq*d] (or [seq, n_src, batch*d]): P - C
@@ -68,6 +69,7 @@ class PatchState:
         self.currents.clear()
         self.dest_deltas.clear()
         self.partials.clear()
+        self.active.clear()
         self.mask_samples.clear()
         self.probes.clear()
         self.table = None
@@ -279,14 +281,20 @@ class PatchEngine:
 
     def _active_range(self, site: DestSite) -> range:
         """Source indices whose mask column is non-zero somewhere (all of them when the
-        mask is transformed or trained)."""
+        mask is transformed or trained); found once per forward and site."""
+        state = self.state
+        if site.module_name in state.active:
+            return state.active[site.module_name]
         mask = self.masks[site.module_name]
-        if self.state.mask_fn is not None or mask.requires_grad:
-            return site.in_srcs
-        active = t.nonzero((mask != 0).reshape(-1, mask.shape[-1]).any(0)).flatten().tolist()
-        if not active:
-            return range(0)
-        return range(site.in_srcs.start + active[0], site.in_srcs.start + active[-1] + 1)
+        if state.mask_fn is not None or mask.requires_grad:
+            span = site.in_srcs
+        else:
+            nonzero = (mask != 0).reshape(-1, mask.shape[-1]).any(0)
+            active = t.nonzero(nonzero).flatten().tolist()
+            start = site.in_srcs.start
+            span = range(start + active[0], start + active[-1] + 1) if active else range(0)
+        state.active[site.module_name] = span
+        return span
 
     def delta_fn(self, site: DestSite) -> Delta | None:
         """``sum_j mask[..., j] (P[j] - C[j])`` for a destination, computed on call, or
