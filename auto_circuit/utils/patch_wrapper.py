@@ -56,7 +56,7 @@ class PatchState:
     active: dict[str, range] = field(default_factory=dict)  # see PatchEngine._active_range
     mask_samples: dict[str, Tensor] = field(default_factory=dict)
     probes: dict[str, Tensor] = field(default_factory=dict)
-    table: Tensor | None = None  # [n_src, batch*seq*d] (or [seq, n_src, batch*d]): P - C
+    table: Tensor | None = None  # [batch*seq, n_src, d_model]: P - C of every source
     table_shape: tuple[int, int, int] = (0, 0, 0)  # batch, seq, d_model of the table
     # The table of the last forward without gradients, reused by the next one of the same
     # shape (a fresh 100+ MiB tensor per forward is page-faulted and zeroed each time).
