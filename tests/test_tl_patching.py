@@ -27,10 +27,8 @@ def tokens(seed: int, batch: int = 3, d_vocab: int = 50) -> t.Tensor:
 CLEAN, CORRUPT = tokens(1), tokens(2)
 
 
-def oracle_edge_patch(
-    model_kwargs: dict, edge: str, seq_idx: int | None, separate_qkv: bool
-) -> t.Tensor:
-    """Clean run with one edge carrying its source's corrupt value, by plain hooks."""
+def flagged_oracle(model_kwargs: dict, separate_qkv: bool):
+    """An unwrapped copy with TransformerLens' per-head and MLP-input hooks turned on."""
     oracle = make_tl_model(**model_kwargs)
     oracle.set_use_attn_result(True)
     if not oracle.cfg.attn_only:
@@ -39,39 +37,66 @@ def oracle_edge_patch(
         oracle.set_use_split_qkv_input(True)
     else:
         oracle.set_use_attn_in(True)
+    return oracle
+
+
+def source_hook(name: str) -> tuple[str, int | None]:
+    """The oracle's hook holding a source's output, and its head index."""
+    if name == "Resid Start":
+        return "blocks.0.hook_resid_pre", None
+    if name.startswith("MLP"):
+        return f"blocks.{int(name.split()[1])}.hook_mlp_out", None
+    layer, head = map(int, name[1:].split("."))
+    return f"blocks.{layer}.attn.hook_result", head
+
+
+def source_value(cache, name: str) -> t.Tensor:
+    hook_name, head = source_hook(name)
+    return cache[hook_name] if head is None else cache[hook_name][:, :, head]
+
+
+def dest_hook(oracle, dest: str) -> tuple[str, int | None]:
+    """The oracle's hook holding a destination's input, and its head index."""
+    if dest == "Resid End":
+        return f"blocks.{oracle.cfg.n_layers - 1}.hook_resid_post", None
+    if dest.startswith("MLP"):
+        return f"blocks.{int(dest.split()[1])}.hook_mlp_in", None
+    parts = dest[1:].split(".")
+    kind = f"{parts[2].lower()}_input" if len(parts) == 3 else "attn_in"
+    return f"blocks.{parts[0]}.hook_{kind}", int(parts[1])
+
+
+def at_position(diff: t.Tensor, seq_idx: int | None) -> t.Tensor:
+    """``diff`` [batch, seq, d] kept only at ``seq_idx`` (all positions: None)."""
+    if seq_idx is None:
+        return diff
+    only_here = t.zeros(SEQ, 1)
+    only_here[seq_idx] = 1.0
+    return diff * only_here
+
+
+def add_at(x: t.Tensor, head: int | None, diff: t.Tensor) -> None:
+    if head is None:
+        x += diff
+    else:
+        x[:, :, head] += diff
+
+
+def oracle_edge_patch(
+    model_kwargs: dict, edge: str, seq_idx: int | None, separate_qkv: bool
+) -> t.Tensor:
+    """Clean run with one edge carrying its source's corrupt value, by plain hooks."""
+    oracle = flagged_oracle(model_kwargs, separate_qkv)
     _, clean_cache = oracle.run_with_cache(CLEAN)
     _, corrupt_cache = oracle.run_with_cache(CORRUPT)
-
-    def source(cache, name: str) -> t.Tensor:
-        if name == "Resid Start":
-            return cache["blocks.0.hook_resid_pre"]
-        if name.startswith("MLP"):
-            return cache[f"blocks.{int(name.split()[1])}.hook_mlp_out"]
-        layer, head = map(int, name[1:].split("."))
-        return cache[f"blocks.{layer}.attn.hook_result"][:, :, head]
-
     src, dest = edge.split("->")
-    diff = source(corrupt_cache, src) - source(clean_cache, src)
-    if seq_idx is not None:
-        only_here = t.zeros(SEQ, 1)
-        only_here[seq_idx] = 1.0
-        diff = diff * only_here
-
-    if dest == "Resid End":
-        hook_name, head = f"blocks.{oracle.cfg.n_layers - 1}.hook_resid_post", None
-    elif dest.startswith("MLP"):
-        hook_name, head = f"blocks.{int(dest.split()[1])}.hook_mlp_in", None
-    else:
-        parts = dest[1:].split(".")
-        kind = f"{parts[2].lower()}_input" if len(parts) == 3 else "attn_in"
-        hook_name, head = f"blocks.{parts[0]}.hook_{kind}", int(parts[1])
+    diff = source_value(corrupt_cache, src) - source_value(clean_cache, src)
+    diff = at_position(diff, seq_idx)
+    hook_name, head = dest_hook(oracle, dest)
 
     def add_diff(x: t.Tensor, hook) -> t.Tensor:
         x = x.clone()
-        if head is None:
-            x += diff
-        else:
-            x[:, :, head] += diff
+        add_at(x, head, diff)
         return x
 
     return oracle.run_with_hooks(CLEAN, fwd_hooks=[(hook_name, add_diff)])
@@ -368,56 +393,27 @@ def oracle_masked_patch(
     """Clean run in which each destination's input gets ``sum value * (corrupt - current
     source)`` over its edges, the current sources recorded by plain hooks as the patched
     run reaches them: every edge patched at once, with fractional masks."""
-    oracle = make_tl_model(**model_kwargs)
-    oracle.set_use_attn_result(True)
-    if not oracle.cfg.attn_only:
-        oracle.set_use_hook_mlp_in(True)
-    if separate_qkv:
-        oracle.set_use_split_qkv_input(True)
-    else:
-        oracle.set_use_attn_in(True)
+    oracle = flagged_oracle(model_kwargs, separate_qkv)
     _, corrupt_cache = oracle.run_with_cache(CORRUPT)
-    src_hooks = {"Resid Start": ("blocks.0.hook_resid_pre", None)}
-    for layer in range(oracle.cfg.n_layers):
-        for head in range(oracle.cfg.n_heads):
-            src_hooks[f"A{layer}.{head}"] = (f"blocks.{layer}.attn.hook_result", head)
-        src_hooks[f"MLP {layer}"] = (f"blocks.{layer}.hook_mlp_out", None)
     current: dict[str, t.Tensor] = {}
 
     def record(x: t.Tensor, hook) -> None:
         current[hook.name] = x
 
-    def value(cache, src: str) -> t.Tensor:
-        name, head = src_hooks[src]
-        return cache[name] if head is None else cache[name][:, :, head]
-
     by_hook: dict[str, list] = {}
     for src, dest, seq_idx, mask in edge_values:
-        if dest == "Resid End":
-            hook_name, head = f"blocks.{oracle.cfg.n_layers - 1}.hook_resid_post", None
-        elif dest.startswith("MLP"):
-            hook_name, head = f"blocks.{int(dest.split()[1])}.hook_mlp_in", None
-        else:
-            parts = dest[1:].split(".")
-            kind = f"{parts[2].lower()}_input" if len(parts) == 3 else "attn_in"
-            hook_name, head = f"blocks.{parts[0]}.hook_{kind}", int(parts[1])
+        hook_name, head = dest_hook(oracle, dest)
         by_hook.setdefault(hook_name, []).append((src, head, seq_idx, mask))
 
     def patch(x: t.Tensor, hook) -> t.Tensor:
         x = x.clone()
         for src, head, seq_idx, mask in by_hook[hook.name]:
-            diff = mask * (value(corrupt_cache, src) - value(current, src))
-            if seq_idx is not None:
-                only_here = t.zeros(SEQ, 1)
-                only_here[seq_idx] = 1.0
-                diff = diff * only_here
-            if head is None:
-                x += diff
-            else:
-                x[:, :, head] += diff
+            diff = mask * (source_value(corrupt_cache, src) - source_value(current, src))
+            add_at(x, head, at_position(diff, seq_idx))
         return x
 
-    recorders = [(name, record) for name, _ in set(src_hooks.values())]
+    sources = {source_hook(src)[0] for src, _, _, _ in edge_values}
+    recorders = [(name, record) for name in sources]
     patches = [(name, patch) for name in by_hook]
     return oracle.run_with_hooks(CLEAN, fwd_hooks=recorders + patches)
 
