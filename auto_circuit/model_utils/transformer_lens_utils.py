@@ -263,6 +263,7 @@ def _head_diff_writer(attn: Any) -> DiffWriter:
     """``patch - z_h W_O_h`` for every head, accumulated into the table rows by one
     ``baddbmm`` instead of a head-output tensor and a subtraction: about half the
     memory traffic."""
+    read = _head_reader(attn)
 
     def shape(z: Float[Tensor, "batch seq head d_head"]) -> tuple[int, int, int, int]:
         batch, seq, n_heads, _ = z.shape
@@ -275,7 +276,7 @@ def _head_diff_writer(attn: Any) -> DiffWriter:
     ) -> None:
         weight = attn.W_O
         if not (z.dtype == weight.dtype == out.dtype):
-            t.sub(patch, t.einsum("bshe,hed->hbsd", z, weight.to(z.dtype)), out=out)
+            t.sub(patch, read(z), out=out)
             return
         n_heads, batch, seq, d_model = out.shape
         out.copy_(patch.expand_as(out))
@@ -363,33 +364,27 @@ class _FoldedProjection:
     or changed in place (their version counters), not in every forward."""
 
     def __init__(self) -> None:
-        self._key: tuple = ()
+        self._refs: tuple[Callable[[], Tensor | None], ...] = ()
+        self._versions: tuple = ()
         self._value: tuple[Tensor, Tensor] | None = None
 
     def __call__(self, weight: Tensor, bias: Tensor, norm: _NormForm) -> tuple[Tensor, Tensor]:
         tensors = (weight, bias, norm.weight, norm.bias)
-        key = tuple(
-            None if x is None else (weakref.ref(x), x._version, x.dtype, x.device) for x in tensors
+        versions = tuple(None if x is None else (x._version, x.dtype, x.device) for x in tensors)
+        same = versions == self._versions and all(
+            ref() is x for ref, x in zip(self._refs, tensors, strict=True)
         )
-        if self._value is None or not _same_tensors(key, self._key):
+        if self._value is None or not same:
             shift = bias if norm.bias is None else bias + t.matmul(norm.bias, weight)
             scaled = weight if norm.weight is None else weight * norm.weight[None, :, None]
-            self._key, self._value = key, (scaled, shift)
+            self._value = (scaled, shift)
+            self._versions = versions
+            self._refs = tuple(_no_tensor if x is None else weakref.ref(x) for x in tensors)
         return self._value
 
 
-def _same_tensors(key: tuple, old: tuple) -> bool:
-    """Whether two ``_FoldedProjection`` keys name the same, unchanged tensors."""
-    if len(key) != len(old):
-        return False
-    for new_entry, old_entry in zip(key, old, strict=True):
-        if (new_entry is None) != (old_entry is None):
-            return False
-        if new_entry is not None and (
-            new_entry[0]() is not old_entry[0]() or new_entry[1:] != old_entry[1:]
-        ):
-            return False
-    return True
+def _no_tensor() -> None:
+    return None
 
 
 @dataclass(frozen=True)

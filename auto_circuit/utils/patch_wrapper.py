@@ -313,7 +313,7 @@ class PatchEngine:
             return None
         groups = self._fill_table(span)
         mask = self.mask_values(site, state.table_shape[0])
-        cols = mask[..., span.start - site.in_srcs.start : span.stop - site.in_srcs.start]
+        cols = self._cols(site, span)
         rows = self._rows(span)
         batch_masks = mask.ndim > len(self.mask_shape(site))
         if batch_masks and mask.shape[0] != state.table_shape[0]:
@@ -383,18 +383,9 @@ class PatchEngine:
         self._fill_table(span)
         table = state.table
         assert table is not None
-        batch = state.table_shape[0]
         cols = t.cat(
-            [
-                self.mask_values(s, batch)[..., span.start - s.in_srcs.start :][..., : len(span)]
-                for s in sites
-            ]
-            + [
-                self.mask_values(r, batch)[..., span.start - r.in_srcs.start :][
-                    ..., : len(span)
-                ].unsqueeze(-2)
-                for r in riders
-            ],
+            [self._cols(s, span) for s in sites]
+            + [self._cols(r, span).unsqueeze(-2) for r in riders],  # one row each
             dim=-2,
         )
         rows = self._rows(span)
@@ -426,16 +417,22 @@ class PatchEngine:
         state = self.state
         covered, value = state.partials.pop(site.module_name)
         active = self._active_range(site)
-        mask = self.mask_values(site, state.table_shape[0])
         before = range(active.start, min(covered.start, active.stop))
         after = range(max(covered.stop, active.start), active.stop)
         for part in (p for p in (before, after) if p):
             self._fill_table(part)
-            cols = mask[..., part.start - site.in_srcs.start : part.stop - site.in_srcs.start]
+            compute = self._masked_sum_fn(site, False, len(part))
             with t.no_grad():
-                value.add_(self._masked_sum_fn(site, False, len(part))(cols, self._rows(part)))
+                value.add_(compute(self._cols(site, part), self._rows(part)))
         state.dest_deltas[site.module_name] = value
         return Delta(lambda: value, owned=_sole_reader(site))
+
+    def _cols(self, site: DestSite, span: range) -> Tensor:
+        """The columns of the site's mask (as used in this forward) for the sources
+        ``span``."""
+        mask = self.mask_values(site, self.state.table_shape[0])
+        first = span.start - site.in_srcs.start
+        return mask[..., first : first + len(span)]
 
     def _rows(self, span: range) -> Tensor:
         """The table rows of the sources ``span`` (filled by ``_fill_table``)."""
@@ -473,15 +470,9 @@ class PatchEngine:
                 patch = state.patch_src_outs
                 assert patch is not None
                 patch = patch[src.start : src.stop]
-                writer = site.diff_writer
-                direct = (
-                    writer is not None
-                    and i in state.outputs
-                    and not state.patch_is_delta
-                    and not t.is_grad_enabled()
-                )
-                if direct:
-                    assert writer is not None
+                direct = i in state.outputs and not state.patch_is_delta and not t.is_grad_enabled()
+                writer = site.diff_writer if direct else None
+                if writer is not None:
                     output = state.outputs[i]
                     shape, dtype, device = writer.shape(output), output.dtype, output.device
                 else:
@@ -494,14 +485,13 @@ class PatchEngine:
                     # [n, batch, seq, d] view of the rows
                     view = table[:, src.start : src.stop].view(*shape[1:3], len(src), -1)
                     view = view.permute(2, 0, 1, 3)
-                    if direct:
-                        assert writer is not None
+                    if writer is not None:
                         writer.write(output, patch, view)
                     elif state.patch_is_delta:
                         view.copy_(patch.expand_as(current))
                     else:
                         t.sub(patch, current.detach(), out=view)  # no temporary
-                state.currents[i] = None if direct else current
+                state.currents[i] = None if writer is not None else current
             groups.append((src, state.currents[i]))
         return groups
 
