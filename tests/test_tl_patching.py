@@ -388,12 +388,17 @@ def test_other_dtypes_patch(dtype, grad):
 
 
 def oracle_masked_patch(
-    model_kwargs: dict, edge_values: list[tuple[str, str, int | None, float]], separate_qkv: bool
+    model_kwargs: dict,
+    edge_values: list[tuple[str, str, int | None, float]],
+    separate_qkv: bool,
+    oracle=None,
 ) -> t.Tensor:
     """Clean run in which each destination's input gets ``sum value * (corrupt - current
     source)`` over its edges, the current sources recorded by plain hooks as the patched
-    run reaches them: every edge patched at once, with fractional masks."""
-    oracle = flagged_oracle(model_kwargs, separate_qkv)
+    run reaches them: every edge patched at once, with fractional masks. ``oracle``: a
+    flagged model to use instead of a new one from ``model_kwargs``."""
+    if oracle is None:
+        oracle = flagged_oracle(model_kwargs, separate_qkv)
     _, corrupt_cache = oracle.run_with_cache(CORRUPT)
     current: dict[str, t.Tensor] = {}
 
@@ -520,3 +525,36 @@ def test_weights_changed_between_forwards_are_used():
     set_all_masks(pm, 0.0)
     assert (changed - before).abs().max() > 1e-3 and (replaced - changed).abs().max() > 1e-3
     t.testing.assert_close(replaced, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("separate_qkv", [True, False])
+def test_residual_with_a_large_mean_keeps_its_precision(separate_qkv):
+    """Without gradients the Q/K/V rebuild takes the norm's variance as
+    ``mean(x^2) - mean(x)^2``, which loses float32 precision when the residual's mean is
+    large against its spread. A constant offset on every embedding (which the norms
+    remove, so it changes nothing else) makes it so: the engine must then centre first,
+    and agree with the hook oracle as closely as without the offset."""
+    offset = 300.0
+
+    def offset_model():
+        model = make_tl_model()
+        with t.no_grad():
+            model.embed.W_E.add_(offset)
+        return model
+
+    pm = patchable_model(offset_model(), True, separate_qkv=separate_qkv)
+    gen = t.Generator().manual_seed(11)
+    with t.no_grad():
+        for mask in pm.patch_masks.values():
+            mask.copy_(t.rand(mask.shape, generator=gen))
+    edge_values = [
+        (e.src.name, e.dest.name, e.seq_idx, float(e.patch_mask(pm)[e.patch_idx])) for e in pm.edges
+    ]
+    oracle = flagged_oracle({}, separate_qkv)
+    with t.no_grad():
+        oracle.embed.W_E.add_(offset)
+    expected = oracle_masked_patch({}, edge_values, separate_qkv, oracle)
+    with t.no_grad(), patch_mode(pm, src_ablations(pm, CORRUPT)):
+        got = pm(CLEAN)
+    assert (expected - offset_model()(CLEAN)).abs().max() > 1e-2
+    t.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

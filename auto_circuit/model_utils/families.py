@@ -60,12 +60,15 @@ class Delta:
     attribution), so the value is 0 and only its gradient matters; a family may then
     keep the hooked tensor and give the delta its gradient directly. ``owned``: the
     caller is the tensor's only reader in this forward (no gradients), so it may
-    overwrite it instead of allocating a new one.
+    overwrite it instead of allocating a new one. ``includes_base``: the value already
+    holds the site's ``base_probe`` tensor (broadcast over heads) added to the delta;
+    the family must not add it again.
     """
 
     compute: Callable[[], Tensor]
     is_zero: bool = False
     owned: bool = False
+    includes_base: bool = False
 
     def __call__(self) -> Tensor:
         return self.compute()
@@ -111,6 +114,11 @@ class DestSite:
     fuse_key: str | None = None
     """Sites with the same key and sources (a block's Q, K and V inputs) may have their
     deltas computed by one matmul, reading the sources' differences once."""
+    base_probe: str | None = None
+    """A probe whose output ``[batch, seq, d_model]`` the family adds to every head's
+    delta before using it (a block's ``resid_pre`` for its Q/K/V rebuild). Without
+    gradients the engine may fold it into the masked sum as one more table row, saving
+    a pass over the per-head tensor; the ``Delta`` then says ``includes_base``."""
 
 
 GetDelta = Callable[[str], "Delta | None"]

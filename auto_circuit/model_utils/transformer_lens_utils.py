@@ -301,7 +301,8 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
     probe = f"blocks.{block_idx}.hook_resid_pre"
 
     def rebuild(resid: Tensor, delta: Delta) -> Tensor:
-        normed = ln1(resid.unsqueeze(2) + delta())  # [batch, seq, head, d_model]
+        summed = delta() if delta.includes_base else resid.unsqueeze(2) + delta()
+        normed = ln1(summed)  # [batch, seq, head, d_model]
         batch, seq, n_heads, d_model = normed.shape
         weight = getattr(attn, f"W_{letter}")
         # Head-major view (batch and seq merge), so the projection is one bmm.
@@ -340,17 +341,35 @@ def _rebuild_in_place(
     eps: float,
 ) -> Float[Tensor, "batch seq head d_head"]:
     """``norm(resid + delta_h) W_h + b_h`` without gradients and without a new per-head
-    ``[batch, seq, head, d_model]`` tensor: the sum is formed in the delta's own memory
-    (when the engine hands it over, else in one copy) and centred in place; the
-    normalisation's scale is applied on the ``d_head`` side, its weight and bias are
-    folded into ``weight`` and ``shift`` (``_FoldedProjection``)."""
-    x = delta() if delta.owned else delta().clone()
+    ``[batch, seq, head, d_model]`` tensor.
+
+    The sum ``x`` is the delta itself when the engine folded ``resid`` into its matmul
+    (``includes_base``), else it is formed in the delta's memory (when the engine hands
+    it over, else in one copy). The normalisation is applied on the ``d_head`` side:
+    its weight, bias and centring are folded into ``weight`` and ``shift``
+    (``_FoldedProjection``), and its scale comes from ``mean(x^2) - mean(x)^2``, two
+    reads of ``x`` and no write. Where that difference would lose precision (the mean
+    is large against the spread: ``mean^2 > mean(x^2) / 2`` somewhere) and off the CPU
+    (where the passes are cheap and a data-dependent branch would synchronise), the
+    variance is computed from the centred sum instead.
+    """
+    x = delta()
+    mine = delta.owned
+    if not delta.includes_base:
+        x = x if mine else x.clone()
+        mine = True
+        x.add_(resid.to(x.dtype).unsqueeze(2))
     batch, seq, n_heads, d_model = x.shape
-    x.add_(resid.to(x.dtype).unsqueeze(2))
-    if centered:
-        x.sub_(x.mean(dim=-1, keepdim=True))
-    # (var_mean would do both in one pass, but its CPU kernel is ~10x slower)
+    # (var_mean would do both reductions in one pass, but its CPU kernel is ~10x slower)
     var = t.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_model)
+    if centered:
+        mean = x.mean(dim=-1, keepdim=True)
+        mean_sq = mean.square()
+        if x.device.type == "cpu" and not bool((mean_sq > var / 2).any()):
+            var.sub_(mean_sq).clamp_(min=0)
+        else:
+            x = x.sub_(mean) if mine else x - mean
+            var = t.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_model)
     scale = var.add_(eps).rsqrt_()  # [batch, seq, head, 1]
     # Head-major views for one bmm; the delta's layout lets batch and seq merge.
     per_head = x.permute(2, 0, 1, 3).view(n_heads, batch * seq, d_model)
@@ -359,9 +378,11 @@ def _rebuild_in_place(
 
 
 class _FoldedProjection:
-    """``(w * W_h, b W_h + b_h)``: a normalisation's weight ``w`` and bias ``b`` folded
-    into a per-head projection, recomputed only when one of the four tensors is replaced
-    or changed in place (their version counters), not in every forward."""
+    """``(C (w * W_h), b W_h + b_h)``: a normalisation's weight ``w``, bias ``b`` and,
+    for a centring norm, its centring ``C = I - 1 1^T / d_model`` (``x C W = (x -
+    mean(x)) W``) folded into a per-head projection; recomputed only when one of the
+    four tensors is replaced or changed in place (their version counters), not in every
+    forward."""
 
     def __init__(self) -> None:
         self._refs: tuple[Callable[[], Tensor | None], ...] = ()
@@ -377,6 +398,8 @@ class _FoldedProjection:
         if self._value is None or not same:
             shift = bias if norm.bias is None else bias + t.matmul(norm.bias, weight)
             scaled = weight if norm.weight is None else weight * norm.weight[None, :, None]
+            if norm.centered:
+                scaled = scaled - scaled.mean(dim=1, keepdim=True)
             self._value = (scaled, shift)
             self._versions = versions
             self._refs = tuple(_no_tensor if x is None else weakref.ref(x) for x in tensors)
@@ -652,7 +675,12 @@ def _dest_sites(
         fuse = (
             f"blocks.{block_idx}.qkv" if kind.endswith(("q_input", "k_input", "v_input")) else None
         )
-        sites.append(DestSite(name, hooks, n_heads, in_srcs, fuse_key=fuse))
+        base = (
+            f"blocks.{block_idx}.hook_resid_pre"
+            if kind in ("hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in")
+            else None
+        )
+        sites.append(DestSite(name, hooks, n_heads, in_srcs, fuse_key=fuse, base_probe=base))
     return sites
 
 

@@ -54,6 +54,7 @@ class PatchState:
     # Partial deltas computed early (see PatchEngine.riders): the sources they cover.
     partials: dict[str, tuple[range, Tensor]] = field(default_factory=dict)
     active: dict[str, range] = field(default_factory=dict)  # see PatchEngine._active_range
+    with_base: set[str] = field(default_factory=set)  # deltas holding their base_probe
     mask_samples: dict[str, Tensor] = field(default_factory=dict)
     probes: dict[str, Tensor] = field(default_factory=dict)
     table: Tensor | None = None  # [batch*seq, n_src, d_model]: P - C of every source
@@ -70,6 +71,7 @@ class PatchState:
         self.dest_deltas.clear()
         self.partials.clear()
         self.active.clear()
+        self.with_base.clear()
         self.mask_samples.clear()
         self.probes.clear()
         self.table = None
@@ -303,8 +305,7 @@ class PatchEngine:
         if state.patch_src_outs is None:
             raise CircuitError("patch mode is on but no patch_src_outs were given.")
         if site.module_name in state.dest_deltas:
-            value = state.dest_deltas[site.module_name]
-            return None if value is None else Delta(lambda: value, owned=_sole_reader(site))
+            return self._cached_delta(site)
         if site.module_name in state.partials:
             return self._finish_partial(site)
         span = self._active_range(site)
@@ -333,11 +334,13 @@ class PatchEngine:
             if partners and not batch_masks:
                 self._fused_deltas(site, partners)
             else:
+                if self._add_base_row([site], span):
+                    cols = _with_base_column(cols, cols.shape[-2])
+                    rows = self._rows(range(span.start, span.stop + 1))
+                    compute = self._masked_sum_fn(site, batch_masks, len(span) + 1)
                 with t.no_grad():
                     state.dest_deltas[site.module_name] = compute(cols, rows)
-            value = state.dest_deltas[site.module_name]
-            assert value is not None
-            return Delta(lambda: value, owned=_sole_reader(site))
+            return self._cached_delta(site)
         slots = [
             (g.start - span.start, g.stop - span.start)
             for g, c in groups
@@ -390,6 +393,11 @@ class PatchEngine:
         )
         rows = self._rows(span)
         heads = [s.n_heads or 1 for s in sites] + [1] * len(riders)
+        width = len(span)
+        if self._add_base_row(sites, span):  # the riders' rows get 0 in its column
+            cols = _with_base_column(cols, sum(heads[: len(sites)]))
+            rows = self._rows(range(span.start, span.stop + 1))
+            width += 1
         fused = DestSite("fused", (), sum(heads), site.in_srcs)
         with t.no_grad():
             out = None
@@ -405,12 +413,54 @@ class PatchEngine:
                     state.spare_deltas = None
                     spare = state.spare_deltas = empty_scratch((numel,), table.dtype, table.device)
                 out = spare[:numel]
-            value = self._masked_sum_fn(fused, False, len(span))(cols, rows, out)
+            value = self._masked_sum_fn(fused, False, width)(cols, rows, out)
         parts = value.split(heads, dim=2)
         for s, part in zip(sites, parts, strict=False):
             state.dest_deltas[s.module_name] = part
         for r, part in zip(riders, parts[len(sites) :], strict=True):
             state.partials[r.module_name] = (span, part.squeeze(2))
+
+    def _cached_delta(self, site: DestSite) -> Delta | None:
+        """The delta computed earlier in this forward (None: unchanged)."""
+        state = self.state
+        value = state.dest_deltas[site.module_name]
+        if value is None:
+            return None
+        return Delta(
+            lambda: value,
+            owned=_sole_reader(site),
+            includes_base=site.module_name in state.with_base,
+        )
+
+    def _add_base_row(self, sites: list[DestSite], span: range) -> bool:
+        """Without gradients, write the sites' common ``base_probe`` tensor into the table
+        slot just after ``span`` so that their masked sum adds it (one more row of the
+        matmul instead of a pass over the per-head result). The slot must belong to a
+        source not yet written in this forward (a block's own heads, for its Q/K/V); its
+        real value overwrites the base when that source is written. Returns whether it
+        did; the sites' deltas are then marked ``includes_base``."""
+        state = self.state
+        table = state.table
+        names = {s.base_probe for s in sites}
+        if (
+            t.is_grad_enabled()
+            or table is None
+            or len(names) != 1
+            or any(s.n_heads is None for s in sites)
+        ):
+            return False
+        (name,) = names
+        base = state.probes.get(name) if name is not None else None
+        slot = span.stop
+        if base is None or slot >= table.shape[1] or tuple(base.shape) != state.table_shape:
+            return False
+        owner = next(i for i, s in enumerate(self.src_sites) if slot in s.src_idxs)
+        if owner in state.currents:  # already holds this forward's differences
+            return False
+        with t.no_grad():
+            table[:, slot].copy_(base.reshape(-1, base.shape[-1]))
+        state.with_base.update(s.module_name for s in sites)
+        return True
 
     def _finish_partial(self, site: DestSite) -> Delta:
         """A rider's delta: its partial sum plus the sources the partial did not cover."""
@@ -648,6 +698,14 @@ def _riders(sites: list[DestSite]) -> dict[str, list[DestSite]]:
         if below:
             riders.setdefault(max(below)[1], []).append(d)
     return riders
+
+
+def _with_base_column(cols: Tensor, n_base_rows: int) -> Tensor:
+    """Mask columns ``[..., rows, n]`` with one more column: 1 for the first
+    ``n_base_rows`` rows (their base is added), 0 for the rest."""
+    col = cols.new_zeros((*cols.shape[:-1], 1))
+    col[..., :n_base_rows, :] = 1
+    return t.cat([cols, col], dim=-1)
 
 
 def _sole_reader(site: DestSite) -> bool:
