@@ -95,3 +95,58 @@ def test_edges_materialise_lazily_with_unique_names():
     assert len(edges) == len({e.name for e in edges}) == 11_611
     scores = pm.circuit_prune_scores(edges=["A0.1->A3.2", "MLP 5->Resid End"])
     assert sum(int(s.sum()) for s in scores.values()) == 2
+
+
+_MASK_ORDER_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import make_tl_model
+from auto_circuit.model_utils.micro_model_utils import MicroModel
+from auto_circuit.utils.graph_utils import patchable_model
+for pm in (patchable_model(make_tl_model(), True, separate_qkv=True),
+           patchable_model(make_tl_model(), False, separate_qkv=False),
+           patchable_model(MicroModel(), True)):
+    print(list(pm.patch_masks))
+"""
+
+
+def test_masks_are_in_forward_order_in_every_process():
+    """``patch_masks`` (and the engine's destination sites) follow the model's module
+    order, whatever the hashes of the graph's node sets are: two processes with
+    different hash seeds (and, for ``None``, different addresses) list the same order.
+    Code that seeds masks by iterating them, or saves and reloads them, relies on it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _MASK_ORDER_SCRIPT.format(tests=str(Path(__file__).parent))
+    outputs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        outputs.append(run.stdout)
+    assert outputs[0] == outputs[1]
+    factorized, nodes, micro = (eval(line) for line in outputs[0].splitlines())
+    per_block = ["hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in"]
+    assert factorized == [f"blocks.{b}.{k}" for b in range(3) for k in per_block] + [
+        "blocks.2.hook_resid_post"
+    ]
+    assert nodes == [f"blocks.{b}.hook_resid_{k}" for b in range(3) for k in ("mid", "post")]
+    assert micro == ["blocks.0.head_inputs", "blocks.1.head_inputs", "output"]
+
+
+def test_dests_are_grouped_in_module_order_whatever_the_input_order():
+    from conftest import make_tl_model
+
+    from auto_circuit.model_utils.families import dests_by_module
+
+    model = make_tl_model()
+    pm = patchable_model(model, True, separate_qkv=True)
+    dests = sorted(pm.dests, key=lambda d: (d.module_name, d.head_idx or 0), reverse=True)
+    grouped = dests_by_module(model, dests)  # type: ignore[arg-type]  (any iterable)
+    assert list(grouped) == list(pm.patch_masks)
+    for nodes in grouped.values():
+        assert [d.head_idx or 0 for d in nodes] == sorted(d.head_idx or 0 for d in nodes)

@@ -201,6 +201,22 @@ def contiguous_range(idxs: list[int], what: str) -> range:
     return span
 
 
+def dests_by_module(model: t.nn.Module, dests: set[DestNode]) -> dict[str, list[DestNode]]:
+    """``dests`` grouped by hosting module, modules in the order the model registers them
+    and heads by index within each: the same order in every process (iterating the set
+    itself would follow its hashes, which vary between processes, and so would the
+    order of the masks built from it)."""
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+    def key(dest: DestNode) -> tuple[int, str, int]:
+        return position.get(dest.module_name, len(position)), dest.module_name, dest.head_idx or 0
+
+    by_module: dict[str, list[DestNode]] = {}
+    for dest in sorted(dests, key=key):
+        by_module.setdefault(dest.module_name, []).append(dest)
+    return by_module
+
+
 def in_edge(src: SrcNode, dest: DestNode, factorized: bool) -> bool:
     """Whether ``src -> dest`` is an edge: any earlier layer (factorized graph), or only
     the layer just before (unfactorized, node-level graph)."""

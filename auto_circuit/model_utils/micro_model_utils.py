@@ -21,6 +21,7 @@ from auto_circuit.model_utils.families import (
     SrcSite,
     contiguous_range,
     dest_in_srcs,
+    dests_by_module,
     register_family,
 )
 from auto_circuit.types import DestNode, SrcNode
@@ -177,7 +178,7 @@ class MicroModelFamily:
             srcs=srcs,
             dests=dests,
             src_sites=_src_sites(srcs),
-            dest_sites=_dest_sites(srcs, dests, factorized),
+            dest_sites=_dest_sites(model, srcs, dests, factorized),
             probes=[],
             is_transformer=False,
             separate_qkv=None,
@@ -199,12 +200,11 @@ def _src_sites(srcs: set[SrcNode]) -> list[SrcSite]:
     ]
 
 
-def _dest_sites(srcs: set[SrcNode], dests: set[DestNode], factorized: bool) -> list[DestSite]:
-    by_module: dict[str, list[DestNode]] = {}
-    for dest in dests:
-        by_module.setdefault(dest.module_name, []).append(dest)
+def _dest_sites(
+    model: t.nn.Module, srcs: set[SrcNode], dests: set[DestNode], factorized: bool
+) -> list[DestSite]:
     sites = []
-    for name, nodes in by_module.items():
+    for name, nodes in dests_by_module(model, dests).items():
         dest = nodes[0]
         heads = len(nodes) if dest.head_idx is not None else None
         sites.append(

@@ -57,6 +57,7 @@ from auto_circuit.model_utils.families import (
     SrcSite,
     contiguous_range,
     dest_in_srcs,
+    dests_by_module,
     register_family,
 )
 from auto_circuit.types import DestNode, SrcNode
@@ -640,11 +641,8 @@ def _src_sites(model, srcs: set[SrcNode]) -> list[SrcSite]:
 def _dest_sites(
     model, srcs: set[SrcNode], dests: set[DestNode], factorized: bool
 ) -> list[DestSite]:
-    by_module: dict[str, list[DestNode]] = {}
-    for dest in dests:
-        by_module.setdefault(dest.module_name, []).append(dest)
     sites = []
-    for name, nodes in by_module.items():
+    for name, nodes in dests_by_module(model, dests).items():
         block_idx = int(name.split(".")[1])
         block = model.blocks[block_idx]
         kind = name.rsplit(".", 1)[1]
