@@ -32,7 +32,6 @@ from torch.utils.hooks import RemovableHandle
 from auto_circuit.errors import CircuitError
 from auto_circuit.model_utils.families import ApplyDelta, Delta, DestSite, FamilyGraph, SrcSite
 from auto_circuit.types import MaskFn
-from auto_circuit.utils.scratch import empty_scratch
 from auto_circuit.utils.tensor_ops import sample_hard_concrete
 
 
@@ -411,7 +410,9 @@ class PatchEngine:
                 spare = state.spare_deltas
                 if spare is None or spare.numel() < numel or spare.dtype != table.dtype:
                     state.spare_deltas = None
-                    spare = state.spare_deltas = empty_scratch((numel,), table.dtype, table.device)
+                    spare = state.spare_deltas = t.empty(
+                        numel, dtype=table.dtype, device=table.device
+                    )
                 out = spare[:numel]
             value = self._masked_sum_fn(fused, False, width)(cols, rows, out)
         parts = value.split(heads, dim=2)
@@ -606,7 +607,7 @@ class PatchEngine:
                 state.table = spare
             else:
                 state.table = state.spare_table = None  # free the old one first
-                state.table = empty_scratch(size, dtype, device)
+                state.table = t.empty(size, dtype=dtype, device=device)
                 state.spare_table = state.table
             state.table_shape = (batch, seq, d_model)
         return state.table
