@@ -40,8 +40,8 @@ def exact_effect(model: PatchableModel, loader: PromptDataLoader, edge: Edge) ->
 def top_edges(model: PatchableModel, scores: dict, k: int) -> list[tuple[Edge, float]]:
     ranked = sorted(
         ((edge, float(edge.prune_score(scores))) for edge in model.edges),
-        key=lambda pair: -abs(pair[1]),
-    )
+        key=lambda pair: (-abs(pair[1]), pair[0].name, pair[0].seq_idx or 0),
+    )  # ties by name: the same table in every process (model.edges is a set)
     return ranked[:k]
 
 
