@@ -147,6 +147,8 @@ def test_dests_are_grouped_in_module_order_whatever_the_input_order():
     pm = patchable_model(model, True, separate_qkv=True)
     dests = sorted(pm.dests, key=lambda d: (d.module_name, d.head_idx or 0), reverse=True)
     grouped = dests_by_module(model, dests)  # type: ignore[arg-type]  (any iterable)
-    assert list(grouped) == list(pm.patch_masks)
+    per_block = ["hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in"]
+    expected = [f"blocks.{b}.{k}" for b in range(3) for k in per_block]
+    assert list(grouped) == expected + ["blocks.2.hook_resid_post"]
     for nodes in grouped.values():
         assert [d.head_idx or 0 for d in nodes] == sorted(d.head_idx or 0 for d in nodes)

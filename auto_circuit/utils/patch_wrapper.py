@@ -333,10 +333,10 @@ class PatchEngine:
             if partners and not batch_masks:
                 self._fused_deltas(site, partners)
             else:
-                if self._add_base_row([site], span):
-                    cols = _with_base_column(cols, cols.shape[-2])
-                    rows = self._rows(range(span.start, span.stop + 1))
-                    compute = self._masked_sum_fn(site, batch_masks, len(span) + 1)
+                folded = self._fold_base([site], span, cols, None)
+                if folded is not None:
+                    cols, rows = folded
+                    compute = self._masked_sum_fn(site, batch_masks, cols.shape[-1])
                 with t.no_grad():
                     state.dest_deltas[site.module_name] = compute(cols, rows)
             return self._cached_delta(site)
@@ -392,11 +392,9 @@ class PatchEngine:
         )
         rows = self._rows(span)
         heads = [s.n_heads or 1 for s in sites] + [1] * len(riders)
-        width = len(span)
-        if self._add_base_row(sites, span):  # the riders' rows get 0 in its column
-            cols = _with_base_column(cols, sum(heads[: len(sites)]))
-            rows = self._rows(range(span.start, span.stop + 1))
-            width += 1
+        folded = self._fold_base(sites, span, cols, sum(heads[: len(sites)]))
+        if folded is not None:  # the riders' rows get 0 in the base's column
+            cols, rows = folded
         fused = DestSite("fused", (), sum(heads), site.in_srcs)
         with t.no_grad():
             out = None
@@ -414,7 +412,7 @@ class PatchEngine:
                         numel, dtype=table.dtype, device=table.device
                     )
                 out = spare[:numel]
-            value = self._masked_sum_fn(fused, False, width)(cols, rows, out)
+            value = self._masked_sum_fn(fused, False, cols.shape[-1])(cols, rows, out)
         parts = value.split(heads, dim=2)
         for s, part in zip(sites, parts, strict=False):
             state.dest_deltas[s.module_name] = part
@@ -433,13 +431,17 @@ class PatchEngine:
             includes_base=site.module_name in state.with_base,
         )
 
-    def _add_base_row(self, sites: list[DestSite], span: range) -> bool:
+    def _fold_base(
+        self, sites: list[DestSite], span: range, cols: Tensor, n_base_rows: int | None
+    ) -> tuple[Tensor, Tensor] | None:
         """Without gradients, write the sites' common ``base_probe`` tensor into the table
         slot just after ``span`` so that their masked sum adds it (one more row of the
         matmul instead of a pass over the per-head result). The slot must belong to a
         source not yet written in this forward (a block's own heads, for its Q/K/V); its
-        real value overwrites the base when that source is written. Returns whether it
-        did; the sites' deltas are then marked ``includes_base``."""
+        real value overwrites the base when that source is written. Returns the mask
+        columns with one more (1 for the first ``n_base_rows`` rows, or all if None; 0
+        for the rest) and the table rows with the slot, or None where it cannot; the
+        sites' deltas are then marked ``includes_base``."""
         state = self.state
         table = state.table
         names = {s.base_probe for s in sites}
@@ -449,19 +451,20 @@ class PatchEngine:
             or len(names) != 1
             or any(s.n_heads is None for s in sites)
         ):
-            return False
+            return None
         (name,) = names
         base = state.probes.get(name) if name is not None else None
         slot = span.stop
         if base is None or slot >= table.shape[1] or tuple(base.shape) != state.table_shape:
-            return False
+            return None
         owner = next(i for i, s in enumerate(self.src_sites) if slot in s.src_idxs)
         if owner in state.currents:  # already holds this forward's differences
-            return False
-        with t.no_grad():
-            table[:, slot].copy_(base.reshape(-1, base.shape[-1]))
+            return None
+        table[:, slot].copy_(base.reshape(-1, base.shape[-1]))
         state.with_base.update(s.module_name for s in sites)
-        return True
+        col = cols.new_zeros((*cols.shape[:-1], 1))
+        col[..., :n_base_rows, :] = 1
+        return t.cat([cols, col], dim=-1), self._rows(range(span.start, slot + 1))
 
     def _finish_partial(self, site: DestSite) -> Delta:
         """A rider's delta: its partial sum plus the sources the partial did not cover."""
@@ -699,14 +702,6 @@ def _riders(sites: list[DestSite]) -> dict[str, list[DestSite]]:
         if below:
             riders.setdefault(max(below)[1], []).append(d)
     return riders
-
-
-def _with_base_column(cols: Tensor, n_base_rows: int) -> Tensor:
-    """Mask columns ``[..., rows, n]`` with one more column: 1 for the first
-    ``n_base_rows`` rows (their base is added), 0 for the rest."""
-    col = cols.new_zeros((*cols.shape[:-1], 1))
-    col[..., :n_base_rows, :] = 1
-    return t.cat([cols, col], dim=-1)
 
 
 def _sole_reader(site: DestSite) -> bool:
