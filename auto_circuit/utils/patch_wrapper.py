@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from auto_circuit.errors import CircuitError
+from auto_circuit.kernels.masked_sum import masked_sum
 from auto_circuit.model_utils.families import ApplyDelta, Delta, DestSite, FamilyGraph, SrcSite
 from auto_circuit.types import MaskFn
 from auto_circuit.utils.tensor_ops import sample_hard_concrete
@@ -504,7 +505,9 @@ class PatchEngine:
             m = layout.masks(cols, site.n_heads or 1, n)
             if out is not None:
                 out = out.view(*layout.table_shape[:2], site.n_heads or 1, -1)
-            out = t.matmul(m, layout.rows(rows), out=out)
+            table_rows = layout.rows(rows)
+            native = masked_sum(m, table_rows, out)
+            out = native if native is not None else t.matmul(m, table_rows, out=out)
             return out if heads else out.squeeze(2)
 
         return compute

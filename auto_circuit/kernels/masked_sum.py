@@ -1,0 +1,225 @@
+"""The engine's masked sum as a native CPU kernel (``masked_sum.c``), built at first use.
+
+Axis names: ``batch``, ``seq`` (token positions), ``head`` (destination rows of one
+product: heads, or a block's Q/K/V heads and its riders), ``n`` (sources), ``d_model``.
+
+The kernel computes ``out[b, s] = m[b, s] @ rows[b, s]`` in float32 on the CPU, the same
+sum in the same order as ``torch.matmul`` (fused multiply-adds over ``n`` in order), in
+about half the time for the engine's shapes: a BLAS packs both operands of each small
+per-token product and then reads the table from memory while computing, the kernel
+reads the table in place, prefetches the next panel and writes the result with
+streaming stores (see ``benchmarks/README.md``).
+
+It is compiled once per machine with the C compiler found as ``$CC``, or ``cc``, with
+``-O3 -march=native``, into ``$AUTO_CIRCUIT_CACHE_DIR`` (default
+``~/.cache/auto_circuit``; a per-user temporary directory when that is not writable),
+under a name that hashes the source, the compiler and the CPU, so that a shared home
+directory never serves a build for another CPU. Without a compiler, or with
+``AUTO_CIRCUIT_NATIVE=0``, or for other dtypes, devices and layouts, ``masked_sum``
+returns None and the engine uses ``torch.matmul``: results are the same either way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch as t
+from jaxtyping import Float
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("masked_sum.c")
+# OpenMP first: with it the kernel runs on torch's own thread pool (see masked_sum.c).
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3", "-fopenmp"],
+    ["-O3"],
+)
+# Below this many multiply-adds per thread, another thread costs more than it saves.
+_MIN_MACS_PER_THREAD = 500_000
+
+log = logging.getLogger(__name__)
+
+
+class _Kernel:
+    """The loaded library, or why there is none (loaded once per process)."""
+
+    def __init__(self) -> None:
+        self.lib: ctypes.CDLL | None = None
+        self.vector_floats = 0
+        self.reason = "not loaded yet"
+        self.loaded = False
+
+    def get(self) -> ctypes.CDLL | None:
+        if not self.loaded:
+            self.loaded = True
+            try:
+                self.lib, self.reason = _load()
+            except OSError as error:  # a broken cache entry, a full disk, ...
+                self.lib, self.reason = None, f"could not build or load: {error}"
+            if self.lib is None:
+                log.info("auto_circuit native masked sum unavailable (%s)", self.reason)
+            else:
+                self.vector_floats = self.lib.vector_floats()
+        return self.lib
+
+
+_KERNEL = _Kernel()
+
+
+def native_status() -> str:
+    """Whether the native kernel is in use in this process, and if not, why."""
+    lib = _KERNEL.get()
+    return f"native ({_KERNEL.vector_floats} floats per vector)" if lib else _KERNEL.reason
+
+
+def masked_sum(
+    m: Float[Tensor, "batch_or_1 seq_or_1 head n"],
+    rows: Float[Tensor, "batch seq n d_model"],
+    out: Float[Tensor, "batch seq head d_model"] | None = None,
+) -> Float[Tensor, "batch seq head d_model"] | None:
+    """``m @ rows`` batched over tokens by the native kernel, written into ``out``
+    (contiguous; allocated when None), or None where the kernel does not apply (then
+    nothing was written): not float32 on the CPU, gradients required, ``d_model`` not
+    a multiple of the vector width, rows whose tokens are not evenly strided, or no
+    kernel on this machine."""
+    batch, seq, n, d_model = rows.shape
+    heads = m.shape[-2]
+    if (
+        rows.device.type != "cpu"
+        or rows.dtype != t.float32
+        or m.dtype != t.float32
+        or m.device != rows.device
+        or (t.is_grad_enabled() and (m.requires_grad or rows.requires_grad))
+        or m.shape[-1] != n
+        or m.shape[0] not in (1, batch)
+        or m.shape[1] not in (1, seq)
+        or rows.stride(-1) != 1
+        or rows.stride(0) != seq * rows.stride(1)
+    ):
+        return None
+    lib = _KERNEL.get()
+    if lib is None or d_model % _KERNEL.vector_floats:
+        return None
+    if m.stride(-1) != 1:
+        m = m.contiguous()
+    if out is None:
+        out = t.empty((batch, seq, heads, d_model), dtype=t.float32)
+    if not out.is_contiguous() or tuple(out.shape) != (batch, seq, heads, d_model):
+        return None
+    macs = batch * seq * heads * n * d_model
+    threads = max(1, min(t.get_num_threads(), macs // _MIN_MACS_PER_THREAD))
+    status = lib.masked_sum(
+        m.data_ptr(),
+        m.stride(0) if m.shape[0] > 1 else 0,
+        m.stride(1) if m.shape[1] > 1 else 0,
+        m.stride(2),
+        rows.data_ptr(),
+        rows.stride(1),
+        rows.stride(2),
+        out.data_ptr(),
+        batch,
+        seq,
+        heads,
+        n,
+        d_model,
+        threads,
+    )
+    return out if status == 0 else None
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("AUTO_CIRCUIT_NATIVE", "1") == "0":
+        return None, "disabled by AUTO_CIRCUIT_NATIVE=0"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None, "no C compiler found ($CC or cc)"
+    source = _SOURCE.read_bytes()
+    version = _compiler_version(compiler)
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            b"\0".join(
+                [source, compiler.encode(), version.encode(), " ".join(flags).encode()]
+                + [_cpu_fingerprint().encode()]
+            )
+        ).hexdigest()[:16]
+        path = _cache_dir() / f"masked_sum-{key}.so"
+        if not path.exists() and not _compile(compiler, flags, path):
+            continue
+        lib = ctypes.CDLL(str(path))
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.masked_sum.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr] + [i64] * 5
+        lib.masked_sum.argtypes.append(ctypes.c_int)
+        lib.masked_sum.restype = ctypes.c_int
+        lib.vector_floats.restype = ctypes.c_int
+        return lib, "loaded"
+    return None, f"{compiler} could not compile {_SOURCE.name}"
+
+
+def _compile(compiler: str, flags: list[str], path: Path) -> bool:
+    """Compile into a temporary file next to ``path``, then rename it into place (so
+    that processes building at the same time never load a half-written library)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    command = [compiler, *flags, "-shared", "-fPIC", "-pthread", "-o", tmp, str(_SOURCE)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            log.info("%s failed: %s", " ".join(command), done.stderr.strip()[-2000:])
+            return False
+        os.replace(tmp, path)
+        return True
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.info("%s failed: %s", " ".join(command), error)
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.splitlines()[0] if done.stdout else "unknown"
+
+
+def _cpu_fingerprint() -> str:
+    """What ``-march=native`` depends on: the CPU's model and instruction-set flags."""
+    parts = [platform.machine(), platform.processor(), sys.platform]
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    parts.append(line.strip())
+                if line.strip() == "":
+                    break  # the first CPU's block is enough
+    except OSError:
+        pass
+    return "\n".join(parts)
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("AUTO_CIRCUIT_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "auto_circuit"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"auto_circuit-{user}"

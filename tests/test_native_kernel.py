@@ -1,0 +1,155 @@
+"""The native masked-sum kernel against a float64 oracle, its fallbacks, its build cache,
+and the engine running on it against the hook oracle."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch as t
+from conftest import make_tl_model
+from test_tl_patching import CLEAN, CORRUPT, SEQ, oracle_masked_patch
+
+import auto_circuit.utils.patch_wrapper as patch_wrapper
+from auto_circuit.kernels import masked_sum as native
+from auto_circuit.utils.ablation_activations import src_ablations
+from auto_circuit.utils.graph_utils import patch_mode, patchable_model
+
+HAS_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
+needs_kernel = pytest.mark.skipif(
+    not HAS_COMPILER or os.environ.get("AUTO_CIRCUIT_NATIVE") == "0",
+    reason="no C compiler here (the engine then uses torch.matmul)",
+)
+
+
+def table_rows(batch: int, seq: int, n: int, d_model: int, gen: t.Generator) -> t.Tensor:
+    """Rows ``[batch, seq, n, d_model]`` cut out of a wider table, as the engine's are."""
+    table = t.randn(batch * seq, n + 5, d_model, generator=gen)
+    return table[:, 2 : 2 + n].view(batch, seq, n, d_model)
+
+
+@needs_kernel
+def test_the_kernel_is_built_where_a_compiler_exists():
+    assert native.native_status().startswith("native"), native.native_status()
+
+
+@needs_kernel
+@pytest.mark.parametrize("mask_batch,mask_seq", [(1, 1), (1, 5), (3, 1), (3, 5)])
+@pytest.mark.parametrize("heads,n", [(1, 1), (5, 13), (8, 7), (9, 40), (37, 157), (38, 3)])
+@pytest.mark.parametrize("d_model", [16, 48, 80, 768])
+def test_kernel_equals_a_float64_product(mask_batch, mask_seq, heads, n, d_model):
+    """Every tile shape (row blocks of 1..8, column tails of 1..3 vectors) and every mask
+    layout (shared, per position, per example, both), with the mask a column slice of a
+    wider one and the rows a slice of a wider table."""
+    width = native._KERNEL.vector_floats
+    if d_model % width:
+        pytest.skip(f"d_model {d_model} is not a multiple of this CPU's {width}-float vectors")
+    gen = t.Generator().manual_seed(heads * 1000 + n)
+    batch, seq = 3, 5
+    rows = table_rows(batch, seq, n, d_model, gen)
+    mask = t.rand(mask_batch, mask_seq, heads, n + 4, generator=gen)[..., 1 : 1 + n]
+    got = native.masked_sum(mask, rows)
+    assert got is not None
+    expected = t.matmul(mask.double(), rows.double())
+    t.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    into = t.full((batch, seq, heads, d_model), float("nan"))
+    assert native.masked_sum(mask, rows, into) is into
+    t.testing.assert_close(into, got, atol=0, rtol=0)
+
+
+@needs_kernel
+def test_kernel_declines_what_it_does_not_cover():
+    """None, and nothing written, for another dtype, a width that is not a multiple of
+    the vector, a mask that needs gradients, a non-contiguous output, and rows whose
+    tokens are not evenly strided; the caller then uses torch.matmul."""
+    gen = t.Generator().manual_seed(0)
+    rows = table_rows(2, 3, 4, 32, gen)
+    mask = t.rand(1, 1, 5, 4, generator=gen)
+    assert native.masked_sum(mask.double(), rows.double()) is None
+    odd = table_rows(2, 3, 4, native._KERNEL.vector_floats + 1, gen)
+    assert native.masked_sum(mask, odd) is None
+    assert native.masked_sum(mask.clone().requires_grad_(), rows) is None
+    with t.no_grad():  # the engine calls it without gradients: then it applies
+        assert native.masked_sum(mask.clone().requires_grad_(), rows) is not None
+    out = t.zeros(2, 3, 32, 5).transpose(-1, -2)
+    assert native.masked_sum(mask, rows, out) is None
+    assert not out.any()
+    uneven = t.randn(2, 4, 4, 32, generator=gen)[:, :3]  # batch stride != seq * token stride
+    assert native.masked_sum(mask, uneven) is None
+
+
+def _status_in_subprocess(env: dict[str, str]) -> str:
+    code = "from auto_circuit.kernels.masked_sum import native_status; print(native_status())"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@needs_kernel
+def test_build_cache_is_keyed_and_a_broken_entry_falls_back(tmp_path):
+    """A fresh cache directory gets one library; a second process loads it as is; a
+    corrupt library is reported and the process goes on without the kernel."""
+    env = {"AUTO_CIRCUIT_CACHE_DIR": str(tmp_path)}
+    assert _status_in_subprocess(env).startswith("native")
+    (library,) = tmp_path.glob("masked_sum-*.so")
+    built = library.stat().st_mtime_ns
+    assert _status_in_subprocess(env).startswith("native")
+    assert library.stat().st_mtime_ns == built
+    library.write_bytes(b"not a shared library")
+    assert _status_in_subprocess(env).startswith("could not build or load")
+
+
+def test_disabled_by_the_environment():
+    assert _status_in_subprocess({"AUTO_CIRCUIT_NATIVE": "0"}) == (
+        "disabled by AUTO_CIRCUIT_NATIVE=0"
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("seq_len", [None, SEQ])
+@pytest.mark.parametrize("d_model", [48, 80])
+def test_engine_on_the_kernel_matches_the_hook_oracle(monkeypatch, d_model, seq_len):
+    """Random fractional masks on every edge, without gradients: the engine's masked
+    sums run in the kernel (counted) and the output equals the hook oracle and the
+    engine on torch.matmul."""
+    model_kwargs = {"d_model": d_model}
+    used = []
+
+    def counting(*args, **kwargs):
+        out = native.masked_sum(*args, **kwargs)
+        used.append(out is not None)
+        return out
+
+    def run(kernel) -> t.Tensor:
+        monkeypatch.setattr(patch_wrapper, "masked_sum", kernel)
+        pm = patchable_model(
+            make_tl_model(**model_kwargs), True, seq_len=seq_len, separate_qkv=True
+        )
+        gen = t.Generator().manual_seed(3)
+        with t.no_grad():
+            for mask in pm.patch_masks.values():
+                mask.copy_(t.rand(mask.shape, generator=gen))
+            edge_values = [
+                (e.src.name, e.dest.name, e.seq_idx, float(e.patch_mask(pm)[e.patch_idx]))
+                for e in pm.edges
+            ]
+            with patch_mode(pm, src_ablations(pm, CORRUPT)):
+                out = pm(CLEAN)
+        run.edge_values = edge_values  # type: ignore[attr-defined]
+        return out
+
+    got = run(counting)
+    assert used and all(used)
+    on_matmul = run(lambda *args, **kwargs: None)
+    expected = oracle_masked_patch(model_kwargs, run.edge_values, True)  # type: ignore[attr-defined]
+    t.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    t.testing.assert_close(got, on_matmul, atol=1e-5, rtol=1e-5)
