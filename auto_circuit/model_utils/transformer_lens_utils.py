@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from auto_circuit.errors import CircuitError
+from auto_circuit.kernels.table_ops import head_differences
 from auto_circuit.model_utils.families import (
     ApplyDelta,
     Delta,
@@ -261,9 +262,9 @@ def _head_reader(attn: t.nn.Module):
 
 
 def _head_diff_writer(attn: Any) -> DiffWriter:
-    """``patch - z_h W_O_h`` for every head, accumulated into the table rows by one
-    ``baddbmm`` instead of a head-output tensor and a subtraction: about half the
-    memory traffic."""
+    """``patch - z_h W_O_h`` for every head, written into the table rows by the native
+    kernel, else accumulated by one ``baddbmm``, instead of a head-output tensor and a
+    subtraction: about half the memory traffic."""
     read = _head_reader(attn)
 
     def shape(z: Float[Tensor, "batch seq head d_head"]) -> tuple[int, int, int, int]:
@@ -278,6 +279,8 @@ def _head_diff_writer(attn: Any) -> DiffWriter:
         weight = attn.W_O
         if not (z.dtype == weight.dtype == out.dtype):
             t.sub(patch, read(z), out=out)
+            return
+        if head_differences(z, weight, patch, out):
             return
         n_heads, batch, seq, d_model = out.shape
         out.copy_(patch.expand_as(out))

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from auto_circuit.errors import CircuitError
-from auto_circuit.kernels.masked_sum import masked_sum
+from auto_circuit.kernels.table_ops import masked_sum
 from auto_circuit.model_utils.families import ApplyDelta, Delta, DestSite, FamilyGraph, SrcSite
 from auto_circuit.types import MaskFn
 from auto_circuit.utils.tensor_ops import sample_hard_concrete

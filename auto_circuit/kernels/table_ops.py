@@ -1,22 +1,28 @@
-"""The engine's masked sum as a native CPU kernel (``masked_sum.c``), built at first use.
+"""The engine's products on its table of source differences as native CPU kernels
+(``table_ops.c``), built at first use.
 
 Axis names: ``batch``, ``seq`` (token positions), ``head`` (destination rows of one
-product: heads, or a block's Q/K/V heads and its riders), ``n`` (sources), ``d_model``.
+product: heads, or a block's Q/K/V heads and its riders), ``n`` (sources), ``d_model``,
+``d_head``.
 
-The kernel computes ``out[b, s] = m[b, s] @ rows[b, s]`` in float32 on the CPU, the same
-sum in the same order as ``torch.matmul`` (fused multiply-adds over ``n`` in order), in
-about half the time for the engine's shapes: a BLAS packs both operands of each small
-per-token product and then reads the table from memory while computing, the kernel
-reads the table in place, prefetches the next panel and writes the result with
-streaming stores (see ``benchmarks/README.md``).
+- ``masked_sum``: ``out[b, s] = m[b, s] @ rows[b, s]``, every destination's delta;
+- ``head_differences``: ``out[h] = patch[h] - z[:, :, h] @ W_O[h]``, the heads' rows of
+  the table.
 
-It is compiled once per machine with the C compiler found as ``$CC``, or ``cc``, with
-``-O3 -march=native``, into ``$AUTO_CIRCUIT_CACHE_DIR`` (default
-``~/.cache/auto_circuit``; a per-user temporary directory when that is not writable),
-under a name that hashes the source, the compiler and the CPU, so that a shared home
-directory never serves a build for another CPU. Without a compiler, or with
-``AUTO_CIRCUIT_NATIVE=0``, or for other dtypes, devices and layouts, ``masked_sum``
-returns None and the engine uses ``torch.matmul``: results are the same either way.
+Both compute in float32 on the CPU the same sums in the same order as torch's BLAS
+calls (fused multiply-adds over the inner dimension in order), in about half the time
+for the engine's shapes: a BLAS packs both operands of each small product and then
+reads the table from memory while computing; the kernels read their operands in place,
+prefetch the next panel and write with streaming stores (see ``benchmarks/README.md``).
+
+They are compiled once per machine with the C compiler found as ``$CC``, or ``cc``
+(``-O3 -march=native -fopenmp``: the kernels then run on torch's own OpenMP threads),
+into ``$AUTO_CIRCUIT_CACHE_DIR`` (default ``~/.cache/auto_circuit``; a per-user
+temporary directory when that is not writable), under a name that hashes the source,
+the compiler and the CPU, so that a shared home directory never serves a build for
+another CPU. Without a compiler, or with ``AUTO_CIRCUIT_NATIVE=0``, or for other
+dtypes, devices and layouts, the functions return None or False and the engine uses
+torch: results are the same either way.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ import torch as t
 from jaxtyping import Float
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("masked_sum.c")
-# OpenMP first: with it the kernel runs on torch's own thread pool (see masked_sum.c).
+_SOURCE = Path(__file__).with_name("table_ops.c")
+# OpenMP first: with it the kernels run on torch's own thread pool (see table_ops.c).
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-march=native"],
@@ -67,7 +73,7 @@ class _Kernel:
             except OSError as error:  # a broken cache entry, a full disk, ...
                 self.lib, self.reason = None, f"could not build or load: {error}"
             if self.lib is None:
-                log.info("auto_circuit native masked sum unavailable (%s)", self.reason)
+                log.info("auto_circuit native table kernels unavailable (%s)", self.reason)
             else:
                 self.vector_floats = self.lib.vector_floats()
         return self.lib
@@ -77,7 +83,7 @@ _KERNEL = _Kernel()
 
 
 def native_status() -> str:
-    """Whether the native kernel is in use in this process, and if not, why."""
+    """Whether the native kernels are in use in this process, and if not, why."""
     lib = _KERNEL.get()
     return f"native ({_KERNEL.vector_floats} floats per vector)" if lib else _KERNEL.reason
 
@@ -137,6 +143,61 @@ def masked_sum(
     return out if status == 0 else None
 
 
+def head_differences(
+    z: Float[Tensor, "batch seq head d_head"],
+    w_o: Float[Tensor, "head d_head d_model"],
+    patch: Float[Tensor, "head batch_or_1 seq_or_1 d_model"],
+    out: Float[Tensor, "head batch seq d_model"],
+) -> bool:
+    """Write ``patch[h] - z[:, :, h] @ w_o[h]`` into ``out[h]`` for every head (``out``:
+    rows of the engine's table, batch and seq merging). False where the kernel does
+    not apply (then nothing was written), under the same conditions as ``masked_sum``."""
+    heads, batch, seq, d_model = out.shape
+    tensors = (z, w_o, patch, out)
+    if (
+        any(x.device.type != "cpu" or x.dtype != t.float32 for x in tensors)
+        or (t.is_grad_enabled() and any(x.requires_grad for x in tensors))
+        or z.shape[:3] != (batch, seq, heads)
+        or tuple(w_o.shape) != (heads, z.shape[-1], d_model)
+        or patch.shape[0] != heads
+        or patch.shape[-1] != d_model
+        or patch.shape[1] not in (1, batch)
+        or patch.shape[2] not in (1, seq)
+        or any(x.stride(-1) != 1 for x in (w_o, patch, out))
+        or out.stride(1) != seq * out.stride(2)
+    ):
+        return False
+    lib = _KERNEL.get()
+    if lib is None or d_model % _KERNEL.vector_floats:
+        return False
+    z_neg = t.neg(z).contiguous()  # [batch, seq, head, d_head]: tokens evenly strided
+    d_head = z.shape[-1]
+    macs = batch * seq * heads * d_head * d_model
+    threads = max(1, min(t.get_num_threads(), macs // _MIN_MACS_PER_THREAD))
+    status = lib.head_differences(
+        z_neg.data_ptr(),
+        z_neg.stride(2),
+        z_neg.stride(1),
+        w_o.data_ptr(),
+        w_o.stride(0),
+        w_o.stride(1),
+        patch.data_ptr(),
+        patch.stride(0),
+        patch.stride(1) if patch.shape[1] > 1 else 0,
+        patch.stride(2) if patch.shape[2] > 1 else 0,
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(2),
+        heads,
+        batch,
+        seq,
+        d_head,
+        d_model,
+        threads,
+    )
+    return status == 0
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("AUTO_CIRCUIT_NATIVE", "1") == "0":
         return None, "disabled by AUTO_CIRCUIT_NATIVE=0"
@@ -152,7 +213,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                 + [_cpu_fingerprint().encode()]
             )
         ).hexdigest()[:16]
-        path = _cache_dir() / f"masked_sum-{key}.so"
+        path = _cache_dir() / f"table_ops-{key}.so"
         if not path.exists() and not _compile(compiler, flags, path):
             continue
         lib = ctypes.CDLL(str(path))
@@ -160,6 +221,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib.masked_sum.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr] + [i64] * 5
         lib.masked_sum.argtypes.append(ctypes.c_int)
         lib.masked_sum.restype = ctypes.c_int
+        lib.head_differences.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64]
+        lib.head_differences.argtypes += [ptr, i64, i64] + [i64] * 5 + [ctypes.c_int]
+        lib.head_differences.restype = ctypes.c_int
         lib.vector_floats.restype = ctypes.c_int
         return lib, "loaded"
     return None, f"{compiler} could not compile {_SOURCE.name}"

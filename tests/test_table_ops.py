@@ -1,5 +1,5 @@
-"""The native masked-sum kernel against a float64 oracle, its fallbacks, its build cache,
-and the engine running on it against the hook oracle."""
+"""The native table kernels against float64 oracles, their fallbacks, their build cache,
+and the engine running on them against the hook oracle."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch as t
 from conftest import make_tl_model
 from test_tl_patching import CLEAN, CORRUPT, SEQ, oracle_masked_patch
 
+import auto_circuit.model_utils.transformer_lens_utils as tl_family
 import auto_circuit.utils.patch_wrapper as patch_wrapper
-from auto_circuit.kernels import masked_sum as native
+from auto_circuit.kernels import table_ops as native
 from auto_circuit.utils.ablation_activations import src_ablations
 from auto_circuit.utils.graph_utils import patch_mode, patchable_model
 
@@ -81,8 +82,48 @@ def test_kernel_declines_what_it_does_not_cover():
     assert native.masked_sum(mask, uneven) is None
 
 
+@needs_kernel
+@pytest.mark.parametrize("patch_batch,patch_seq", [(1, 1), (3, 1), (1, 5), (3, 5)])
+@pytest.mark.parametrize("heads,d_head", [(1, 4), (9, 16), (12, 64)])
+@pytest.mark.parametrize("d_model", [16, 48, 80, 768])
+def test_head_differences_equal_a_float64_product(patch_batch, patch_seq, heads, d_head, d_model):
+    """``patch_h - z_h W_O_h`` written into the heads' rows of a table (rows of other
+    sources untouched), with broadcast patches, against float64."""
+    width = native._KERNEL.vector_floats
+    if d_model % width:
+        pytest.skip(f"d_model {d_model} is not a multiple of this CPU's {width}-float vectors")
+    gen = t.Generator().manual_seed(heads * 100 + d_head)
+    batch, seq, n_src = 3, 5, heads + 3
+    z = t.randn(batch, seq, heads, d_head, generator=gen)
+    w_o = t.randn(heads, d_head, d_model, generator=gen)
+    patch = t.randn(heads, patch_batch, patch_seq, d_model, generator=gen)
+    table = t.full((batch * seq, n_src, d_model), float("nan"))
+    out = table[:, 2 : 2 + heads].view(batch, seq, heads, d_model).permute(2, 0, 1, 3)
+    assert native.head_differences(z, w_o, patch, out)
+    expected = patch.double() - t.einsum("bshe,hed->hbsd", z.double(), w_o.double())
+    t.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)
+    assert table[:, :2].isnan().all() and table[:, 2 + heads :].isnan().all()
+
+
+@needs_kernel
+def test_head_differences_decline_what_they_do_not_cover():
+    gen = t.Generator().manual_seed(1)
+    z = t.randn(2, 3, 4, 8, generator=gen)
+    w_o = t.randn(4, 8, 32, generator=gen)
+    patch = t.randn(4, 2, 3, 32, generator=gen)
+    out = t.zeros(4, 2, 3, 32)
+    assert not native.head_differences(z.double(), w_o.double(), patch.double(), out.double())
+    width = native._KERNEL.vector_floats
+    odd_w, odd_p = t.randn(4, 8, width + 1), t.randn(4, 2, 3, width + 1)
+    assert not native.head_differences(z, odd_w, odd_p, t.zeros(4, 2, 3, width + 1))
+    split = t.zeros(4, 2, 4, 32)[:, :, :3]  # batch and seq do not merge
+    assert not native.head_differences(z, w_o, patch, split)
+    assert not native.head_differences(z, w_o, patch[:, :, :2], out)  # wrong seq
+    assert not out.any() and not split.any()
+
+
 def _status_in_subprocess(env: dict[str, str]) -> str:
-    code = "from auto_circuit.kernels.masked_sum import native_status; print(native_status())"
+    code = "from auto_circuit.kernels.table_ops import native_status; print(native_status())"
     done = subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, **env},
@@ -100,7 +141,7 @@ def test_build_cache_is_keyed_and_a_broken_entry_falls_back(tmp_path):
     corrupt library is reported and the process goes on without the kernel."""
     env = {"AUTO_CIRCUIT_CACHE_DIR": str(tmp_path)}
     assert _status_in_subprocess(env).startswith("native")
-    (library,) = tmp_path.glob("masked_sum-*.so")
+    (library,) = tmp_path.glob("table_ops-*.so")
     built = library.stat().st_mtime_ns
     assert _status_in_subprocess(env).startswith("native")
     assert library.stat().st_mtime_ns == built
@@ -117,20 +158,26 @@ def test_disabled_by_the_environment():
 @needs_kernel
 @pytest.mark.parametrize("seq_len", [None, SEQ])
 @pytest.mark.parametrize("d_model", [48, 80])
-def test_engine_on_the_kernel_matches_the_hook_oracle(monkeypatch, d_model, seq_len):
+def test_engine_on_the_kernels_matches_the_hook_oracle(monkeypatch, d_model, seq_len):
     """Random fractional masks on every edge, without gradients: the engine's masked
-    sums run in the kernel (counted) and the output equals the hook oracle and the
-    engine on torch.matmul."""
+    sums and head differences run in the kernels (counted), and the output equals the
+    hook oracle and the engine on torch alone."""
     model_kwargs = {"d_model": d_model}
-    used = []
+    used: dict[str, list[bool]] = {"masked_sum": [], "head_differences": []}
 
-    def counting(*args, **kwargs):
-        out = native.masked_sum(*args, **kwargs)
-        used.append(out is not None)
+    def masked_sum(*args):
+        out = native.masked_sum(*args)
+        used["masked_sum"].append(out is not None)
         return out
 
-    def run(kernel) -> t.Tensor:
-        monkeypatch.setattr(patch_wrapper, "masked_sum", kernel)
+    def head_differences(*args):
+        done = native.head_differences(*args)
+        used["head_differences"].append(done)
+        return done
+
+    def run(masked_sum, head_differences) -> tuple[t.Tensor, list]:
+        monkeypatch.setattr(patch_wrapper, "masked_sum", masked_sum)
+        monkeypatch.setattr(tl_family, "head_differences", head_differences)
         pm = patchable_model(
             make_tl_model(**model_kwargs), True, seq_len=seq_len, separate_qkv=True
         )
@@ -143,13 +190,11 @@ def test_engine_on_the_kernel_matches_the_hook_oracle(monkeypatch, d_model, seq_
                 for e in pm.edges
             ]
             with patch_mode(pm, src_ablations(pm, CORRUPT)):
-                out = pm(CLEAN)
-        run.edge_values = edge_values  # type: ignore[attr-defined]
-        return out
+                return pm(CLEAN), edge_values
 
-    got = run(counting)
-    assert used and all(used)
-    on_matmul = run(lambda *args, **kwargs: None)
-    expected = oracle_masked_patch(model_kwargs, run.edge_values, True)  # type: ignore[attr-defined]
+    got, edge_values = run(masked_sum, head_differences)
+    assert all(used.values()) and all(all(calls) for calls in used.values()), used
+    on_torch, _ = run(lambda *args: None, lambda *args: False)
+    expected = oracle_masked_patch(model_kwargs, edge_values, True)
     t.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    t.testing.assert_close(got, on_matmul, atol=1e-5, rtol=1e-5)
+    t.testing.assert_close(got, on_torch, atol=1e-5, rtol=1e-5)
