@@ -420,12 +420,13 @@ def main(args: argparse.Namespace) -> int:
     import _measure as M
     import torch as t
 
+    from auto_circuit.kernels.table_ops import native_status
     from auto_circuit.utils.ablation_activations import src_ablations
 
     print(
         f"torch {t.__version__}, {t.get_num_threads()} threads, {os.cpu_count()} CPUs; "
         f"model {shape}; {N_PROMPTS} prompt pairs x {SEQ} tokens, batch {BATCH}; "
-        f"code {code_version()}"
+        f"code {code_version()}; table kernels: {native_status()}"
     )
     load_start = os.getloadavg()
     bare = build_model(shape)

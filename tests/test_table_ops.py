@@ -123,10 +123,13 @@ def test_head_differences_decline_what_they_do_not_cover():
 
 
 def _status_in_subprocess(env: dict[str, str]) -> str:
+    """``native_status()`` in a fresh process with ``env`` added to this one's (less any
+    cache directory this one was given, unless ``env`` names one)."""
     code = "from auto_circuit.kernels.table_ops import native_status; print(native_status())"
+    full_env = {k: v for k, v in os.environ.items() if k != "AUTO_CIRCUIT_CACHE_DIR"} | env
     done = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, **env},
+        env=full_env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -147,6 +150,24 @@ def test_build_cache_is_keyed_and_a_broken_entry_falls_back(tmp_path):
     assert library.stat().st_mtime_ns == built
     library.write_bytes(b"not a shared library")
     assert _status_in_subprocess(env).startswith("could not build or load")
+
+
+@needs_kernel
+def test_a_shared_temporary_directory_is_not_trusted(tmp_path):
+    """Where the user cache cannot be made, the library lives in a per-user temporary
+    directory; one that others can write to is refused (what is loaded from it runs in
+    the process), and the process goes on without the kernels."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    env = {"XDG_CACHE_HOME": str(blocker / "cache"), "TMPDIR": str(shared)}
+    assert _status_in_subprocess(env).startswith("native")
+    (private,) = shared.iterdir()
+    assert private.stat().st_mode & 0o777 == 0o700
+    private.chmod(0o777)
+    status = _status_in_subprocess(env)
+    assert "not a private directory" in status, status
 
 
 def test_disabled_by_the_environment():

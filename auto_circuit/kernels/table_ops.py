@@ -285,5 +285,17 @@ def _cache_dir() -> Path:
             return base
     except OSError:
         pass
-    user = os.getuid() if hasattr(os, "getuid") else "user"
-    return Path(tempfile.gettempdir()) / f"auto_circuit-{user}"
+    return _private_temp_dir()
+
+
+def _private_temp_dir() -> Path:
+    """A per-user directory in the shared temporary directory, used only if this user
+    owns it and nobody else can write to it: a library found there is loaded into the
+    process."""
+    user = os.getuid() if hasattr(os, "getuid") else None
+    path = Path(tempfile.gettempdir()) / f"auto_circuit-{user if user is not None else 'user'}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if path.is_symlink() or (user is not None and info.st_uid != user) or info.st_mode & 0o022:
+        raise OSError(f"{path} is not a private directory of this user; not loading from it")
+    return path
