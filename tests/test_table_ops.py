@@ -45,7 +45,7 @@ def test_kernel_equals_a_float64_product(mask_batch, mask_seq, heads, n, d_model
     """Every tile shape (row blocks of 1..8, column tails of 1..3 vectors) and every mask
     layout (shared, per position, per example, both), with the mask a column slice of a
     wider one and the rows a slice of a wider table."""
-    width = native._KERNEL.vector_floats
+    width = native.vector_floats()
     if d_model % width:
         pytest.skip(f"d_model {d_model} is not a multiple of this CPU's {width}-float vectors")
     gen = t.Generator().manual_seed(heads * 1000 + n)
@@ -57,26 +57,33 @@ def test_kernel_equals_a_float64_product(mask_batch, mask_seq, heads, n, d_model
     expected = t.matmul(mask.double(), rows.double())
     t.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
     into = t.full((batch, seq, heads, d_model), float("nan"))
-    assert native.masked_sum(mask, rows, into) is into
+    stats = t.full((batch, seq, heads, 2), float("nan"))
+    assert native.masked_sum(mask, rows, into, stats) is into
     t.testing.assert_close(into, got, atol=0, rtol=0)
+    expected_stats = t.stack([expected.sum(-1), expected.square().sum(-1)], dim=-1)
+    # float32 sums of d_model terms: error bounded against the sums of magnitudes
+    scale = t.stack([expected.abs().sum(-1), expected.square().sum(-1)], dim=-1)
+    assert ((stats.double() - expected_stats).abs() <= 1e-6 * scale + 1e-6).all()
 
 
 @needs_kernel
 def test_kernel_declines_what_it_does_not_cover():
     """None, and nothing written, for another dtype, a width that is not a multiple of
-    the vector, a mask that needs gradients, a non-contiguous output, and rows whose
-    tokens are not evenly strided; the caller then uses torch.matmul."""
+    the vector, a mask that needs gradients, a non-contiguous output, row statistics of
+    the wrong shape, and rows whose tokens are not evenly strided; the caller then uses
+    torch.matmul."""
     gen = t.Generator().manual_seed(0)
     rows = table_rows(2, 3, 4, 32, gen)
     mask = t.rand(1, 1, 5, 4, generator=gen)
     assert native.masked_sum(mask.double(), rows.double()) is None
-    odd = table_rows(2, 3, 4, native._KERNEL.vector_floats + 1, gen)
+    odd = table_rows(2, 3, 4, native.vector_floats() + 1, gen)
     assert native.masked_sum(mask, odd) is None
     assert native.masked_sum(mask.clone().requires_grad_(), rows) is None
     with t.no_grad():  # the engine calls it without gradients: then it applies
         assert native.masked_sum(mask.clone().requires_grad_(), rows) is not None
     out = t.zeros(2, 3, 32, 5).transpose(-1, -2)
     assert native.masked_sum(mask, rows, out) is None
+    assert native.masked_sum(mask, rows, t.zeros(2, 3, 5, 32), t.zeros(2, 3, 5, 3)) is None
     assert not out.any()
     uneven = t.randn(2, 4, 4, 32, generator=gen)[:, :3]  # batch stride != seq * token stride
     assert native.masked_sum(mask, uneven) is None
@@ -89,7 +96,7 @@ def test_kernel_declines_what_it_does_not_cover():
 def test_head_differences_equal_a_float64_product(patch_batch, patch_seq, heads, d_head, d_model):
     """``patch_h - z_h W_O_h`` written into the heads' rows of a table (rows of other
     sources untouched), with broadcast patches, against float64."""
-    width = native._KERNEL.vector_floats
+    width = native.vector_floats()
     if d_model % width:
         pytest.skip(f"d_model {d_model} is not a multiple of this CPU's {width}-float vectors")
     gen = t.Generator().manual_seed(heads * 100 + d_head)
@@ -113,7 +120,7 @@ def test_head_differences_decline_what_they_do_not_cover():
     patch = t.randn(4, 2, 3, 32, generator=gen)
     out = t.zeros(4, 2, 3, 32)
     assert not native.head_differences(z.double(), w_o.double(), patch.double(), out.double())
-    width = native._KERNEL.vector_floats
+    width = native.vector_floats()
     odd_w, odd_p = t.randn(4, 8, width + 1), t.randn(4, 2, 3, width + 1)
     assert not native.head_differences(z, odd_w, odd_p, t.zeros(4, 2, 3, width + 1))
     split = t.zeros(4, 2, 4, 32)[:, :, :3]  # batch and seq do not merge

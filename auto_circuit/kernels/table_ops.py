@@ -88,15 +88,23 @@ def native_status() -> str:
     return f"native ({_KERNEL.vector_floats} floats per vector)" if lib else _KERNEL.reason
 
 
+def vector_floats() -> int:
+    """Floats per vector of the native kernels (``d_model`` must be a multiple of it);
+    0 without them."""
+    return _KERNEL.vector_floats if _KERNEL.get() is not None else 0
+
+
 def masked_sum(
     m: Float[Tensor, "batch_or_1 seq_or_1 head n"],
     rows: Float[Tensor, "batch seq n d_model"],
     out: Float[Tensor, "batch seq head d_model"] | None = None,
+    stats: Float[Tensor, "batch seq head 2"] | None = None,
 ) -> Float[Tensor, "batch seq head d_model"] | None:
     """``m @ rows`` batched over tokens by the native kernel, written into ``out``
-    (contiguous; allocated when None), or None where the kernel does not apply (then
-    nothing was written): not float32 on the CPU, gradients required, ``d_model`` not
-    a multiple of the vector width, rows whose tokens are not evenly strided, or no
+    (contiguous; allocated when None), and with ``stats`` (contiguous) each result
+    row's sum and sum of squares over ``d_model``. None where the kernel does not apply
+    (then nothing was written): not float32 on the CPU, gradients required, ``d_model``
+    not a multiple of the vector width, rows whose tokens are not evenly strided, or no
     kernel on this machine."""
     batch, seq, n, d_model = rows.shape
     heads = m.shape[-2]
@@ -111,6 +119,12 @@ def masked_sum(
         or m.shape[1] not in (1, seq)
         or rows.stride(-1) != 1
         or rows.stride(0) != seq * rows.stride(1)
+    ):
+        return None
+    if stats is not None and (
+        tuple(stats.shape) != (batch, seq, heads, 2)
+        or not stats.is_contiguous()
+        or stats.dtype != t.float32
     ):
         return None
     lib = _KERNEL.get()
@@ -133,6 +147,7 @@ def masked_sum(
         rows.stride(1),
         rows.stride(2),
         out.data_ptr(),
+        None if stats is None else stats.data_ptr(),
         batch,
         seq,
         heads,
@@ -218,7 +233,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             continue
         lib = ctypes.CDLL(str(path))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.masked_sum.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr] + [i64] * 5
+        lib.masked_sum.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr] + [i64] * 5
         lib.masked_sum.argtypes.append(ctypes.c_int)
         lib.masked_sum.restype = ctypes.c_int
         lib.head_differences.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64]

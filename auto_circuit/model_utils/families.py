@@ -62,13 +62,16 @@ class Delta:
     caller is the tensor's only reader in this forward (no gradients), so it may
     overwrite it instead of allocating a new one. ``includes_base``: the value already
     holds the site's ``base_probe`` tensor (broadcast over heads) added to the delta;
-    the family must not add it again.
+    the family must not add it again. ``row_stats``: None, or (with ``includes_base``)
+    ``[batch, seq, head, 2]``, the sum and the sum of squares over ``d_model`` of each
+    row of the value, computed with it.
     """
 
     compute: Callable[[], Tensor]
     is_zero: bool = False
     owned: bool = False
     includes_base: bool = False
+    row_stats: Tensor | None = None
 
     def __call__(self) -> Tensor:
         return self.compute()

@@ -351,7 +351,8 @@ def _rebuild_in_place(
     (``includes_base``), else it is formed in the delta's memory (when the engine hands
     it over, else in one copy). The normalisation is applied on the ``d_head`` side:
     its weight, bias and centring are folded into ``weight`` and ``shift``
-    (``_FoldedProjection``), and its scale comes from ``mean(x^2) - mean(x)^2``, two
+    (``_FoldedProjection``), and its scale comes from ``mean(x^2) - mean(x)^2``: from
+    the row sums the engine computed with the delta (``Delta.row_stats``), else two
     reads of ``x`` and no write. Where that difference would lose precision (the mean
     is large against the spread: ``mean^2 > mean(x^2) / 2`` somewhere) and off the CPU
     (where the passes are cheap and a data-dependent branch would synchronise), the
@@ -364,10 +365,13 @@ def _rebuild_in_place(
         mine = True
         x.add_(resid.to(x.dtype).unsqueeze(2))
     batch, seq, n_heads, d_model = x.shape
-    # (var_mean would do both reductions in one pass, but its CPU kernel is ~10x slower)
-    var = t.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_model)
+    sums = delta.row_stats if delta.includes_base else None
+    if sums is not None:  # computed with the delta
+        var = sums[..., 1:].div(d_model)
+    else:  # (var_mean would do both in one pass, but its CPU kernel is ~10x slower)
+        var = t.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_model)
     if centered:
-        mean = x.mean(dim=-1, keepdim=True)
+        mean = x.mean(dim=-1, keepdim=True) if sums is None else sums[..., :1].div(d_model)
         mean_sq = mean.square()
         if x.device.type == "cpu" and not bool((mean_sq > var / 2).any()):
             var.sub_(mean_sq).clamp_(min=0)

@@ -55,6 +55,7 @@ class PatchState:
     partials: dict[str, tuple[range, Tensor]] = field(default_factory=dict)
     active: dict[str, range] = field(default_factory=dict)  # see PatchEngine._active_range
     with_base: set[str] = field(default_factory=set)  # deltas holding their base_probe
+    row_stats: dict[str, Tensor] = field(default_factory=dict)  # see Delta.row_stats
     mask_samples: dict[str, Tensor] = field(default_factory=dict)
     probes: dict[str, Tensor] = field(default_factory=dict)
     table: Tensor | None = None  # [batch*seq, n_src, d_model]: P - C of every source
@@ -72,6 +73,7 @@ class PatchState:
         self.partials.clear()
         self.active.clear()
         self.with_base.clear()
+        self.row_stats.clear()
         self.mask_samples.clear()
         self.probes.clear()
         self.table = None
@@ -413,10 +415,20 @@ class PatchEngine:
                         numel, dtype=table.dtype, device=table.device
                     )
                 out = spare[:numel]
-            value = self._masked_sum_fn(fused, False, cols.shape[-1])(cols, rows, out)
+            # With the base folded in, each value row is a norm's whole input: its sum
+            # and sum of squares come with the product (the kernel has the rows in
+            # registers) instead of two more passes over it in the family's rebuild.
+            stats = None
+            if folded is not None and not t.is_grad_enabled():
+                batch, seq, _ = state.table_shape
+                stats = t.empty((batch, seq, sum(heads), 2), dtype=table.dtype)
+            value = self._masked_sum_fn(fused, False, cols.shape[-1])(cols, rows, out, stats)
         parts = value.split(heads, dim=2)
-        for s, part in zip(sites, parts, strict=False):
+        stat_parts = stats.split(heads, dim=2) if stats is not None else None
+        for i, (s, part) in enumerate(zip(sites, parts, strict=False)):
             state.dest_deltas[s.module_name] = part
+            if stat_parts is not None:
+                state.row_stats[s.module_name] = stat_parts[i]
         for r, part in zip(riders, parts[len(sites) :], strict=True):
             state.partials[r.module_name] = (span, part.squeeze(2))
 
@@ -426,10 +438,12 @@ class PatchEngine:
         value = state.dest_deltas[site.module_name]
         if value is None:
             return None
+        with_base = site.module_name in state.with_base
         return Delta(
             lambda: value,
             owned=_sole_reader(site),
-            includes_base=site.module_name in state.with_base,
+            includes_base=with_base,
+            row_stats=state.row_stats.get(site.module_name) if with_base else None,
         )
 
     def _fold_base(
@@ -496,18 +510,27 @@ class PatchEngine:
         return table[:, span.start : span.stop]
 
     def _masked_sum_fn(self, site: DestSite, batch_masks: bool, n: int) -> Callable[..., Tensor]:
-        """``(mask columns, table rows, out=None) -> delta [batch, seq, (head,) d_model]``;
-        ``out``: contiguous memory for the product."""
+        """``(mask columns, table rows, out=None, stats=None) -> delta [batch, seq, (head,)
+        d_model]``; ``out``: contiguous memory for the product; ``stats``: ``[batch, seq,
+        head, 2]``, filled with each delta row's sum and sum of squares."""
         heads = site.n_heads is not None
         layout = _Layout(self.state.table_shape, self.seq_len is not None, batch_masks)
 
-        def compute(cols: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        def compute(
+            cols: Tensor, rows: Tensor, out: Tensor | None = None, stats: Tensor | None = None
+        ) -> Tensor:
             m = layout.masks(cols, site.n_heads or 1, n)
             if out is not None:
                 out = out.view(*layout.table_shape[:2], site.n_heads or 1, -1)
             table_rows = layout.rows(rows)
-            native = masked_sum(m, table_rows, out)
-            out = native if native is not None else t.matmul(m, table_rows, out=out)
+            native = masked_sum(m, table_rows, out, stats)
+            if native is not None:
+                out = native
+            else:
+                out = t.matmul(m, table_rows, out=out)
+                if stats is not None:
+                    stats[..., 0] = out.sum(dim=-1)
+                    stats[..., 1] = t.linalg.vector_norm(out, dim=-1).square_()
             return out if heads else out.squeeze(2)
 
         return compute
