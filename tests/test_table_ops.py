@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch as t
 from conftest import make_tl_model
-from test_tl_patching import CLEAN, CORRUPT, SEQ, oracle_masked_patch
+from test_tl_patching import CLEAN, CORRUPT, SEQ, edge_mask_values, oracle_masked_patch
 
 import auto_circuit.model_utils.transformer_lens_utils as tl_family
 import auto_circuit.utils.patch_wrapper as patch_wrapper
@@ -213,12 +213,8 @@ def test_engine_on_the_kernels_matches_the_hook_oracle(monkeypatch, d_model, seq
         with t.no_grad():
             for mask in pm.patch_masks.values():
                 mask.copy_(t.rand(mask.shape, generator=gen))
-            edge_values = [
-                (e.src.name, e.dest.name, e.seq_idx, float(e.patch_mask(pm)[e.patch_idx]))
-                for e in pm.edges
-            ]
             with patch_mode(pm, src_ablations(pm, CORRUPT)):
-                return pm(CLEAN), edge_values
+                return pm(CLEAN), edge_mask_values(pm)
 
     got, edge_values = run(masked_sum, head_differences)
     assert all(used.values()) and all(all(calls) for calls in used.values()), used

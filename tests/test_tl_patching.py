@@ -387,6 +387,13 @@ def test_other_dtypes_patch(dtype, grad):
     t.testing.assert_close(patched.float(), corrupt.float(), atol=tol, rtol=tol)
 
 
+def edge_mask_values(pm) -> list[tuple[str, str, int | None, float]]:
+    """(source, destination, position, mask value) of every edge, for the oracle."""
+    return [
+        (e.src.name, e.dest.name, e.seq_idx, float(e.patch_mask(pm)[e.patch_idx])) for e in pm.edges
+    ]
+
+
 def oracle_masked_patch(
     model_kwargs: dict,
     edge_values: list[tuple[str, str, int | None, float]],
@@ -449,9 +456,7 @@ def test_fractional_masks_on_many_edges_match_a_hook_oracle(
                 mask[..., :3] = 0.0
             if name.startswith("blocks.2.hook_") and not name.endswith(("mlp_in", "resid_post")):
                 mask.zero_()
-    edge_values = [
-        (e.src.name, e.dest.name, e.seq_idx, float(e.patch_mask(pm)[e.patch_idx])) for e in pm.edges
-    ]
+    edge_values = edge_mask_values(pm)
     edge_values = [ev for ev in edge_values if ev[3] != 0.0]
     assert len(edge_values) > 20
     expected = oracle_masked_patch(model_kwargs, edge_values, separate_qkv)
@@ -547,9 +552,7 @@ def test_residual_with_a_large_mean_keeps_its_precision(separate_qkv):
     with t.no_grad():
         for mask in pm.patch_masks.values():
             mask.copy_(t.rand(mask.shape, generator=gen))
-    edge_values = [
-        (e.src.name, e.dest.name, e.seq_idx, float(e.patch_mask(pm)[e.patch_idx])) for e in pm.edges
-    ]
+    edge_values = edge_mask_values(pm)
     oracle = flagged_oracle({}, separate_qkv)
     with t.no_grad():
         oracle.embed.W_E.add_(offset)

@@ -108,40 +108,28 @@ def masked_sum(
     kernel on this machine."""
     batch, seq, n, d_model = rows.shape
     heads = m.shape[-2]
+    shape = (batch, seq, heads, d_model)
     if (
-        rows.device.type != "cpu"
-        or rows.dtype != t.float32
-        or m.dtype != t.float32
-        or m.device != rows.device
-        or (t.is_grad_enabled() and (m.requires_grad or rows.requires_grad))
-        or m.shape[-1] != n
+        m.shape[-1] != n
         or m.shape[0] not in (1, batch)
         or m.shape[1] not in (1, seq)
         or rows.stride(-1) != 1
         or rows.stride(0) != seq * rows.stride(1)
+        or not _fits(out, shape)
+        or not _fits(stats, shape[:3] + (2,))
     ):
         return None
-    if stats is not None and (
-        tuple(stats.shape) != (batch, seq, heads, 2)
-        or not stats.is_contiguous()
-        or stats.dtype != t.float32
-    ):
-        return None
-    lib = _KERNEL.get()
-    if lib is None or d_model % _KERNEL.vector_floats:
+    lib = _kernel_for([m, rows, *(x for x in (out, stats) if x is not None)], d_model)
+    if lib is None:
         return None
     if m.stride(-1) != 1:
         m = m.contiguous()
     if out is None:
-        out = t.empty((batch, seq, heads, d_model), dtype=t.float32)
-    if not out.is_contiguous() or tuple(out.shape) != (batch, seq, heads, d_model):
-        return None
-    macs = batch * seq * heads * n * d_model
-    threads = max(1, min(t.get_num_threads(), macs // _MIN_MACS_PER_THREAD))
+        out = t.empty(shape, dtype=t.float32)
     status = lib.masked_sum(
         m.data_ptr(),
-        m.stride(0) if m.shape[0] > 1 else 0,
-        m.stride(1) if m.shape[1] > 1 else 0,
+        _stride(m, 0),
+        _stride(m, 1),
         m.stride(2),
         rows.data_ptr(),
         rows.stride(1),
@@ -153,7 +141,7 @@ def masked_sum(
         heads,
         n,
         d_model,
-        threads,
+        _threads(batch * seq * heads * n * d_model),
     )
     return out if status == 0 else None
 
@@ -168,12 +156,10 @@ def head_differences(
     rows of the engine's table, batch and seq merging). False where the kernel does
     not apply (then nothing was written), under the same conditions as ``masked_sum``."""
     heads, batch, seq, d_model = out.shape
-    tensors = (z, w_o, patch, out)
+    d_head = z.shape[-1]
     if (
-        any(x.device.type != "cpu" or x.dtype != t.float32 for x in tensors)
-        or (t.is_grad_enabled() and any(x.requires_grad for x in tensors))
-        or z.shape[:3] != (batch, seq, heads)
-        or tuple(w_o.shape) != (heads, z.shape[-1], d_model)
+        z.shape[:3] != (batch, seq, heads)
+        or tuple(w_o.shape) != (heads, d_head, d_model)
         or patch.shape[0] != heads
         or patch.shape[-1] != d_model
         or patch.shape[1] not in (1, batch)
@@ -182,13 +168,10 @@ def head_differences(
         or out.stride(1) != seq * out.stride(2)
     ):
         return False
-    lib = _KERNEL.get()
-    if lib is None or d_model % _KERNEL.vector_floats:
+    lib = _kernel_for([z, w_o, patch, out], d_model)
+    if lib is None:
         return False
     z_neg = t.neg(z).contiguous()  # [batch, seq, head, d_head]: tokens evenly strided
-    d_head = z.shape[-1]
-    macs = batch * seq * heads * d_head * d_model
-    threads = max(1, min(t.get_num_threads(), macs // _MIN_MACS_PER_THREAD))
     status = lib.head_differences(
         z_neg.data_ptr(),
         z_neg.stride(2),
@@ -198,8 +181,8 @@ def head_differences(
         w_o.stride(1),
         patch.data_ptr(),
         patch.stride(0),
-        patch.stride(1) if patch.shape[1] > 1 else 0,
-        patch.stride(2) if patch.shape[2] > 1 else 0,
+        _stride(patch, 1),
+        _stride(patch, 2),
         out.data_ptr(),
         out.stride(0),
         out.stride(2),
@@ -208,9 +191,34 @@ def head_differences(
         seq,
         d_head,
         d_model,
-        threads,
+        _threads(batch * seq * heads * d_head * d_model),
     )
     return status == 0
+
+
+def _kernel_for(tensors: list[Tensor], d_model: int) -> ctypes.CDLL | None:
+    """The library, where every operand is float32 on the CPU, none needs gradients, and
+    ``d_model`` is a multiple of the vector width."""
+    if any(x.device.type != "cpu" or x.dtype != t.float32 for x in tensors) or (
+        t.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    ):
+        return None
+    lib = _KERNEL.get()
+    return lib if lib is not None and d_model % _KERNEL.vector_floats == 0 else None
+
+
+def _fits(x: Tensor | None, shape: tuple[int, ...]) -> bool:
+    """No buffer given, or a contiguous one of ``shape``."""
+    return x is None or (tuple(x.shape) == shape and x.is_contiguous())
+
+
+def _stride(x: Tensor, dim: int) -> int:
+    """The stride of ``dim``, 0 where it has size 1 (the kernels broadcast it)."""
+    return x.stride(dim) if x.shape[dim] > 1 else 0
+
+
+def _threads(macs: int) -> int:
+    return max(1, min(t.get_num_threads(), macs // _MIN_MACS_PER_THREAD))
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -219,15 +227,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None, "no C compiler found ($CC or cc)"
-    source = _SOURCE.read_bytes()
-    version = _compiler_version(compiler)
+    build = [_SOURCE.read_bytes(), compiler.encode(), _compiler_version(compiler).encode()]
+    build.append(_cpu_fingerprint().encode())
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join(
-                [source, compiler.encode(), version.encode(), " ".join(flags).encode()]
-                + [_cpu_fingerprint().encode()]
-            )
-        ).hexdigest()[:16]
+        key = hashlib.sha256(b"\0".join([*build, " ".join(flags).encode()])).hexdigest()[:16]
         path = _cache_dir() / f"table_ops-{key}.so"
         if not path.exists() and not _compile(compiler, flags, path):
             continue

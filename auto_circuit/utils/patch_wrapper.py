@@ -419,16 +419,16 @@ class PatchEngine:
             # and sum of squares come with the product (the kernel has the rows in
             # registers) instead of two more passes over it in the family's rebuild.
             stats = None
-            if folded is not None and not t.is_grad_enabled():
+            if folded is not None:
                 batch, seq, _ = state.table_shape
                 stats = t.empty((batch, seq, sum(heads), 2), dtype=table.dtype)
             value = self._masked_sum_fn(fused, False, cols.shape[-1])(cols, rows, out, stats)
         parts = value.split(heads, dim=2)
-        stat_parts = stats.split(heads, dim=2) if stats is not None else None
-        for i, (s, part) in enumerate(zip(sites, parts, strict=False)):
+        for s, part in zip(sites, parts, strict=False):
             state.dest_deltas[s.module_name] = part
-            if stat_parts is not None:
-                state.row_stats[s.module_name] = stat_parts[i]
+        if stats is not None:
+            for s, part in zip(sites, stats.split(heads, dim=2), strict=False):
+                state.row_stats[s.module_name] = part
         for r, part in zip(riders, parts[len(sites) :], strict=True):
             state.partials[r.module_name] = (span, part.squeeze(2))
 
@@ -438,12 +438,11 @@ class PatchEngine:
         value = state.dest_deltas[site.module_name]
         if value is None:
             return None
-        with_base = site.module_name in state.with_base
         return Delta(
             lambda: value,
             owned=_sole_reader(site),
-            includes_base=with_base,
-            row_stats=state.row_stats.get(site.module_name) if with_base else None,
+            includes_base=site.module_name in state.with_base,
+            row_stats=state.row_stats.get(site.module_name),  # only for folded sites
         )
 
     def _fold_base(
