@@ -77,9 +77,9 @@ def main() -> None:
 
     t.set_num_threads(args.threads)
 
-    from auto_circuit.data import PromptDataLoader, PromptDataset
-    from auto_circuit.prune_algos.ACDC import run_acdc
-    from auto_circuit.utils.graph_utils import patchable_model
+    from auto_circuit.algorithms.acdc import run_acdc
+    from auto_circuit.data.loaders import PromptDataLoader, PromptDataset
+    from auto_circuit.engine.graph_utils import patchable_model
 
     n_layers = 2 if args.quick else 4
     n_prompts, seq, batch_size, d_vocab = 16, 10, 8, 500

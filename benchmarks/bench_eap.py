@@ -17,9 +17,9 @@ import time
 import torch as t
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from auto_circuit.data import PromptDataLoader, PromptDataset
-from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores
-from auto_circuit.utils.graph_utils import patchable_model
+from auto_circuit.algorithms.mask_gradient import mask_gradient_prune_scores
+from auto_circuit.data.loaders import PromptDataLoader, PromptDataset
+from auto_circuit.engine.graph_utils import patchable_model
 
 
 def main() -> None:

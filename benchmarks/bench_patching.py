@@ -101,7 +101,7 @@ def make_prompts(s: Shape):
 
 
 def wrap(model, seq_len: int | None):
-    from auto_circuit.utils.graph_utils import patchable_model
+    from auto_circuit.engine.graph_utils import patchable_model
 
     return patchable_model(
         model, factorized=True, separate_qkv=True, seq_len=seq_len, slice_output="last_seq"
@@ -144,7 +144,7 @@ def mem_step_bare(model, clean):
 
 
 def mem_step_patched(pm, clean, P):
-    from auto_circuit.utils.graph_utils import patch_mode, train_mask_mode
+    from auto_circuit.engine.graph_utils import patch_mode, train_mask_mode
 
     with train_mask_mode(pm), patch_mode(pm, P):
         logits = pm(clean)
@@ -170,7 +170,7 @@ def mem_worker(kind: str, shape: Shape, seq_len: int | None) -> dict:
         def step(n: int = BATCH) -> None:
             mem_step_bare(model, clean[0][:n])
     else:
-        from auto_circuit.utils.ablation_activations import src_ablations
+        from auto_circuit.engine.ablation_activations import src_ablations
 
         pm = wrap(model, seq_len)
         P = src_ablations(pm, corrupt[0])
@@ -236,8 +236,8 @@ def mem_server(quick: bool, jobs: list[tuple[str, int | None]]) -> None:
     import torch  # noqa: F401
     import transformer_lens  # noqa: F401
 
-    import auto_circuit.utils.ablation_activations  # noqa: F401
-    import auto_circuit.utils.graph_utils  # noqa: F401
+    import auto_circuit.engine.ablation_activations  # noqa: F401
+    import auto_circuit.engine.graph_utils  # noqa: F401
 
     shape = QUICK if quick else FULL
     results = []
@@ -317,7 +317,7 @@ def sanity_checks(bare, pm, clean, corrupt, P) -> dict[str, float]:
     """Zero masks give the bare logits; all-ones masks give the corrupt run's logits."""
     import torch as t
 
-    from auto_circuit.utils.graph_utils import patch_mode, set_all_masks
+    from auto_circuit.engine.graph_utils import patch_mode, set_all_masks
 
     with t.no_grad():
         ref_clean, ref_corrupt = bare(clean), bare(corrupt)
@@ -350,7 +350,7 @@ def bench_forward(bare, pms, clean, rounds: int):
     import _measure as M
     import torch as t
 
-    from auto_circuit.utils.graph_utils import patch_mode
+    from auto_circuit.engine.graph_utils import patch_mode
 
     def run_bare(b: int) -> list[M.Timer]:
         timers = []
@@ -420,8 +420,8 @@ def main(args: argparse.Namespace) -> int:
     import _measure as M
     import torch as t
 
-    from auto_circuit.kernels.table_ops import native_status
-    from auto_circuit.utils.ablation_activations import src_ablations
+    from auto_circuit.engine.ablation_activations import src_ablations
+    from auto_circuit.engine.kernels.table_ops import native_status
 
     print(
         f"torch {t.__version__}, {t.get_num_threads()} threads, {os.cpu_count()} CPUs; "

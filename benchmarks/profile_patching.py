@@ -75,8 +75,8 @@ def main() -> None:
     import torch as t
     from torch.profiler import ProfilerActivity, profile
 
-    from auto_circuit.utils.ablation_activations import src_ablations
-    from auto_circuit.utils.graph_utils import patch_mode, train_mask_mode
+    from auto_circuit.engine.ablation_activations import src_ablations
+    from auto_circuit.engine.graph_utils import patch_mode, train_mask_mode
 
     if args.threads:
         t.set_num_threads(args.threads)

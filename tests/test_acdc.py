@@ -14,15 +14,15 @@ import pytest
 import torch as t
 from conftest import make_tl_model
 
-from auto_circuit.data import PromptDataLoader, PromptDataset
-from auto_circuit.errors import CircuitError
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.prune import run_circuits
-from auto_circuit.prune_algos.ACDC import acdc_prune_scores, run_acdc
-from auto_circuit.types import AblationType, Edge, PatchType
-from auto_circuit.utils.ablation_activations import src_ablations
-from auto_circuit.utils.graph_utils import patch_mode, patchable_model
-from auto_circuit.utils.patchable_model import PatchableModel
+from auto_circuit.algorithms.acdc import acdc_prune_scores, run_acdc
+from auto_circuit.algorithms.prune import run_circuits
+from auto_circuit.data.loaders import PromptDataLoader, PromptDataset
+from auto_circuit.engine.ablation_activations import src_ablations
+from auto_circuit.engine.graph_utils import patch_mode, patchable_model
+from auto_circuit.engine.patchable_model import PatchableModel
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.types import AblationType, Edge, PatchType
 
 TESTS_DIR = Path(__file__).parent
 INF = float("inf")
@@ -353,7 +353,7 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from test_acdc import tl_setup
-from auto_circuit.prune_algos.ACDC import acdc_prune_scores
+from auto_circuit.algorithms.acdc import acdc_prune_scores
 pm, loader = tl_setup()
 scores = acdc_prune_scores(pm, loader, tao_exps=[-5, -4, -3], show_progress=False)
 print(json.dumps({{k: v.flatten().tolist() for k, v in sorted(scores.items())}}))

@@ -6,20 +6,20 @@ import pytest
 import torch as t
 from conftest import make_tl_model
 
-from auto_circuit.data import PromptDataLoader, PromptDataset
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.prune_algos.eap_ig import eap_ig_prune_scores
-from auto_circuit.prune_algos.edge_attribution_patching import (
+from auto_circuit.algorithms.eap_ig import eap_ig_prune_scores
+from auto_circuit.algorithms.edge_attribution_patching import (
     edge_attribution_patching_prune_scores,
 )
-from auto_circuit.prune_algos.exact_patching import exact_patching_prune_scores
-from auto_circuit.prune_algos.mask_gradient import (
+from auto_circuit.algorithms.exact_patching import exact_patching_prune_scores
+from auto_circuit.algorithms.mask_gradient import (
     answer_metric,
     mask_gradient_per_example_scores,
     mask_gradient_prune_scores,
 )
-from auto_circuit.utils.ablation_activations import src_ablations
-from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks
+from auto_circuit.data.loaders import PromptDataLoader, PromptDataset
+from auto_circuit.engine.ablation_activations import src_ablations
+from auto_circuit.engine.graph_utils import patch_mode, patchable_model, set_all_masks
+from auto_circuit.families.micro import MicroModel
 
 
 def token_loader(n: int = 6, batch_size: int = 3, seq: int = 6, seed: int = 0) -> PromptDataLoader:

@@ -27,11 +27,11 @@ import pytest
 import torch as t
 from conftest import make_tl_model
 
-from auto_circuit.errors import CircuitError
-from auto_circuit.types import PruneScores
-from auto_circuit.utils.graph_utils import patchable_model
-from auto_circuit.utils.patchable_model import PatchableModel
-from auto_circuit.visualize import chromium_path, circuit_browser_html, write_circuit_browser
+from auto_circuit.engine.graph_utils import patchable_model
+from auto_circuit.engine.patchable_model import PatchableModel
+from auto_circuit.figures import chromium_path, circuit_browser_html, write_circuit_browser
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.types import PruneScores
 
 LAYER = {"Resid Start": 0, "A0.0": 1, "A0.1": 1, "MLP 0": 2, "A1.0": 3, "A1.1": 3}
 LAYER.update({"MLP 1": 4, "Resid End": 5})

@@ -18,7 +18,7 @@ TASK = "Tracr Reverse"  # a shipped model: no download
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "auto_circuit.cli", *args],
+        [sys.executable, "-m", "auto_circuit.app.cli", *args],
         capture_output=True, text=True, cwd=cwd, env=env, timeout=600,
     )  # fmt: skip
 
@@ -85,7 +85,7 @@ def test_report_writes_one_html_file(tmp_path):
 def test_bad_arguments_exit_2_without_traceback(tmp_path, monkeypatch, args, message):
     from typer.testing import CliRunner
 
-    from auto_circuit.cli import app
+    from auto_circuit.app.cli import app
 
     monkeypatch.chdir(tmp_path)
     t.save({"scores": {}}, tmp_path / "s.pt")

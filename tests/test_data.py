@@ -1,4 +1,4 @@
-"""Tests of auto_circuit.data and load_tl_model against independent oracles.
+"""Tests of auto_circuit.data.loaders and load_tl_model against independent oracles.
 
 Token ids are written by hand from the test tokenizer's vocabulary, KV-cached logits are
 compared with full-prompt logits, and load_tl_model is compared with the Hugging Face model.
@@ -21,7 +21,8 @@ import torch as t
 from tokenizers_for_tests import BOS, make_word_tokenizer, word_vocab
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from auto_circuit.data import (
+from auto_circuit.app.experiment_utils import load_tl_model
+from auto_circuit.data.loaders import (
     PromptDataLoader,
     PromptDataset,
     PromptPair,
@@ -30,8 +31,7 @@ from auto_circuit.data import (
     collate_fn,
     load_datasets_from_json,
 )
-from auto_circuit.errors import CircuitError
-from auto_circuit.experiment_utils import load_tl_model
+from auto_circuit.vocabulary.errors import CircuitError
 
 NAMES = ["Mary", "John", "Alice", "Bob", "Carol", "Dan"]
 WORDS = ["When", "and", "went", "to", "the", "store", ",", "gave", "a", "drink", "."] + NAMES
@@ -304,7 +304,7 @@ def test_collate_hand_built_pairs_keyed_by_content() -> None:
 SPLIT_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from auto_circuit.data import load_datasets_from_json
+    from auto_circuit.data.loaders import load_datasets_from_json
     out = {}
     for seed in (1, 2):
         loaders = load_datasets_from_json(

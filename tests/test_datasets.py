@@ -23,17 +23,17 @@ from tokenizers import Regex, pre_tokenizers
 from tokenizers_for_tests import make_word_tokenizer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from auto_circuit.data import load_datasets_from_json
-from auto_circuit.datasets_gen import DATASETS, package_datasets_dir
-from auto_circuit.datasets_gen.common import dumps
-from auto_circuit.datasets_gen.docstring import docstring_dataset
-from auto_circuit.datasets_gen.greaterthan import greaterthan_dataset
-from auto_circuit.datasets_gen.ioi import ioi_template_dataset, ioi_vanilla_dataset
-from auto_circuit.datasets_gen.tracr import tracr_reverse_dataset, tracr_xproportion_dataset
-from auto_circuit.datasets_gen.words import NAMES
-from auto_circuit.metrics.official_circuits.circuits import ioi_true_edges
-from auto_circuit.utils.graph_utils import patchable_model
-from auto_circuit.utils.misc import repo_path_to_abs_path
+from auto_circuit.data.generate import DATASETS, package_datasets_dir
+from auto_circuit.data.generate.common import dumps
+from auto_circuit.data.generate.docstring import docstring_dataset
+from auto_circuit.data.generate.greaterthan import greaterthan_dataset
+from auto_circuit.data.generate.ioi import ioi_template_dataset, ioi_vanilla_dataset
+from auto_circuit.data.generate.tracr import tracr_reverse_dataset, tracr_xproportion_dataset
+from auto_circuit.data.generate.words import NAMES
+from auto_circuit.data.loaders import load_datasets_from_json
+from auto_circuit.engine.graph_utils import patchable_model
+from auto_circuit.evaluation.official_circuits.circuits import ioi_true_edges
+from auto_circuit.vocabulary.misc import repo_path_to_abs_path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "auto_circuit" / "datasets"
@@ -111,7 +111,7 @@ def test_shipped_files_are_the_generators_output() -> None:
 
 def test_module_entry_point_regenerates_identical_files(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "auto_circuit.datasets_gen", str(tmp_path)],
+        [sys.executable, "-m", "auto_circuit.data.generate", str(tmp_path)],
         capture_output=True,
         text=True,
         check=True,

@@ -6,16 +6,16 @@ import pytest
 import torch as t
 from conftest import make_tl_model
 
-from auto_circuit.errors import CircuitError
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.utils.ablation_activations import src_ablations
-from auto_circuit.utils.graph_utils import (
+from auto_circuit.engine.ablation_activations import src_ablations
+from auto_circuit.engine.graph_utils import (
     mask_fn_mode,
     patch_mode,
     patchable_model,
     set_mask_batch_size,
     train_mask_mode,
 )
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.vocabulary.errors import CircuitError
 
 CLEAN = t.tensor([[[1.0, 1.0]]])
 

@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from auto_circuit.errors import CircuitError
-from auto_circuit.experiments import ResultStore, config_key, run_experiments, task_config
-from auto_circuit.metrics.prune_metrics.prune_metrics import PRUNE_METRIC_DICT
-from auto_circuit.prune_algos.prune_algos import PruneAlgo, prune_algo
-from auto_circuit.tasks import MICRO_MODEL_TASK, load_task, task_by_key
-from auto_circuit.types import AblationType, PatchType
+from auto_circuit.algorithms.registry import PruneAlgo, prune_algo
+from auto_circuit.app.experiments import ResultStore, config_key, run_experiments, task_config
+from auto_circuit.app.tasks import MICRO_MODEL_TASK, load_task, task_by_key
+from auto_circuit.evaluation.prune_metrics.prune_metrics import PRUNE_METRIC_DICT
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.types import AblationType, PatchType
 
 CALLS: list[str] = []
 FAIL_ON: set[str] = set()
@@ -22,7 +22,7 @@ def counting_prune_scores(model, dataloader, official_edges, label: str = ""):
     CALLS.append(label)
     if label in FAIL_ON:
         raise KeyboardInterrupt(f"interrupted while running {label}")
-    from auto_circuit.prune_algos.random_edges import random_prune_scores
+    from auto_circuit.algorithms.random_edges import random_prune_scores
 
     return random_prune_scores(model, dataloader, official_edges, seed=len(label))
 
@@ -97,7 +97,7 @@ def test_real_algorithm_in_a_sweep(tmp_path):
 
 
 def test_predefined_tasks_name_existing_datasets_and_circuits():
-    from auto_circuit.tasks import TASKS
+    from auto_circuit.app.tasks import TASKS
 
     for task in TASKS:
         assert task.dataset_path().exists()

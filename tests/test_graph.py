@@ -6,7 +6,7 @@ import pytest
 import torch as t
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from auto_circuit.utils.graph_utils import patchable_model
+from auto_circuit.engine.graph_utils import patchable_model
 
 
 def meta_model(**cfg_kwargs) -> HookedTransformer:
@@ -101,8 +101,8 @@ _MASK_ORDER_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from conftest import make_tl_model
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.utils.graph_utils import patchable_model
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.engine.graph_utils import patchable_model
 for pm in (patchable_model(make_tl_model(), True, separate_qkv=True),
            patchable_model(make_tl_model(), False, separate_qkv=False),
            patchable_model(MicroModel(), True)):
@@ -141,7 +141,7 @@ def test_masks_are_in_forward_order_in_every_process():
 def test_dests_are_grouped_in_module_order_whatever_the_input_order():
     from conftest import make_tl_model
 
-    from auto_circuit.model_utils.families import dests_by_module
+    from auto_circuit.families.registry import dests_by_module
 
     model = make_tl_model()
     pm = patchable_model(model, True, separate_qkv=True)

@@ -29,23 +29,23 @@ import torch as t
 from conftest import make_tl_model
 from torch import Tensor
 
-from auto_circuit.data import load_datasets_from_json
-from auto_circuit.errors import CircuitError
-from auto_circuit.metrics.official_circuits.circuits.induction_official import (
+from auto_circuit.algorithms.exact_patching import exact_patching_prune_scores
+from auto_circuit.algorithms.prune import run_circuits
+from auto_circuit.data.loaders import load_datasets_from_json
+from auto_circuit.engine.graph_utils import patchable_model
+from auto_circuit.engine.patchable_model import PatchableModel
+from auto_circuit.evaluation.official_circuits.circuits.induction_official import (
     induction_true_edges,
 )
-from auto_circuit.model_utils.induction_model_utils import (
+from auto_circuit.families.induction import (
     BOS_TOKEN_ID,
     N_TOKENS,
     get_induction_model,
     induction_dataset_path,
     load_induction_model,
 )
-from auto_circuit.prune import run_circuits
-from auto_circuit.prune_algos.exact_patching import exact_patching_prune_scores
-from auto_circuit.types import AblationType, PatchType
-from auto_circuit.utils.graph_utils import patchable_model
-from auto_circuit.utils.patchable_model import PatchableModel
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.types import AblationType, PatchType
 
 ROOT = Path(__file__).resolve().parents[1]
 PREV_HEADS, INDUCTION_HEAD = (1, 2), 1

@@ -14,38 +14,41 @@ import pytest
 import torch as t
 from conftest import make_tl_model
 
-from auto_circuit.data import PromptDataLoader, PromptDataset
-from auto_circuit.errors import CircuitError
-from auto_circuit.metrics.area_under_curve import average_auc, measurements_auc, normalised_aucs
-from auto_circuit.metrics.mib_faithfulness import (
+from auto_circuit.algorithms.prune import run_circuits
+from auto_circuit.data.loaders import PromptDataLoader, PromptDataset
+from auto_circuit.engine.graph_utils import patch_mode, patchable_model
+from auto_circuit.evaluation.area_under_curve import average_auc, measurements_auc, normalised_aucs
+from auto_circuit.evaluation.mib_faithfulness import (
     MIB_EDGE_FRACTIONS,
     faithfulness_curve,
     measure_mib_scores,
     mib_edge_counts,
     mib_scores,
 )
-from auto_circuit.metrics.official_circuits.measure_roc import (
+from auto_circuit.evaluation.official_circuits.measure_roc import (
     measure_roc,
     measure_roc_auc,
     roc_auc,
 )
-from auto_circuit.metrics.prune_metrics.answer_diff import answer_diff_results, measure_answer_diff
-from auto_circuit.metrics.prune_metrics.answer_diff_percent import answer_diff_percent_results
-from auto_circuit.metrics.prune_metrics.answer_value import answer_value_results
-from auto_circuit.metrics.prune_metrics.correct_answer_percent import (
+from auto_circuit.evaluation.prune_metrics.answer_diff import (
+    answer_diff_results,
+    measure_answer_diff,
+)
+from auto_circuit.evaluation.prune_metrics.answer_diff_percent import answer_diff_percent_results
+from auto_circuit.evaluation.prune_metrics.answer_value import answer_value_results
+from auto_circuit.evaluation.prune_metrics.correct_answer_percent import (
     correct_answer_percent_results,
 )
-from auto_circuit.metrics.prune_metrics.kl_div import kl_div_results, measure_kl_div
-from auto_circuit.metrics.prune_metrics.metric_result import MetricResult
-from auto_circuit.metrics.prune_metrics.prune_metrics import (
+from auto_circuit.evaluation.prune_metrics.kl_div import kl_div_results, measure_kl_div
+from auto_circuit.evaluation.prune_metrics.metric_result import MetricResult
+from auto_circuit.evaluation.prune_metrics.prune_metrics import (
     PRUNE_METRIC_DICT,
     PruneMetric,
     prune_metric,
 )
-from auto_circuit.metrics.prune_scores_similarity import prune_score_similarities
-from auto_circuit.prune import run_circuits
-from auto_circuit.types import AblationType, PatchType
-from auto_circuit.utils.graph_utils import patch_mode, patchable_model
+from auto_circuit.evaluation.prune_scores_similarity import prune_score_similarities
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.types import AblationType, PatchType
 
 # ---------------------------------------------------------------------------------------
 # A model whose outputs are a table: prompt [i] -> TABLE[i]
@@ -602,7 +605,7 @@ def test_prune_score_similarities_by_hand():
 
 
 def test_answer_values_per_prompt_per_position_and_ragged():
-    from auto_circuit.utils.tensor_ops import answer_values
+    from auto_circuit.vocabulary.tensor_ops import answer_values
 
     vals = t.arange(2 * 3 * 5, dtype=t.float32).view(2, 3, 5)
     per_position = t.tensor([[0, 4, 2], [1, 1, 3]])

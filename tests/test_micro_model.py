@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch as t
 
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.types import AblationType
-from auto_circuit.utils.ablation_activations import src_ablations
-from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks
+from auto_circuit.engine.ablation_activations import src_ablations
+from auto_circuit.engine.graph_utils import patch_mode, patchable_model, set_all_masks
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.vocabulary.types import AblationType
 
 CLEAN = t.tensor([[[1.0, 1.0]]])
 CORRUPT = -CLEAN

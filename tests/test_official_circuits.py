@@ -14,8 +14,9 @@ import pytest
 import torch as t
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from auto_circuit.errors import CircuitError
-from auto_circuit.metrics.official_circuits.circuits import (
+from auto_circuit.engine.graph_utils import patchable_model
+from auto_circuit.engine.patchable_model import PatchableModel
+from auto_circuit.evaluation.official_circuits.circuits import (
     docstring_node_based_official_edges,
     docstring_true_edges,
     greaterthan_true_edges,
@@ -28,10 +29,9 @@ from auto_circuit.metrics.official_circuits.circuits import (
     tracr_xproportion_acdc_edges,
     tracr_xproportion_official_edges,
 )
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.types import Edge
-from auto_circuit.utils.graph_utils import patchable_model
-from auto_circuit.utils.patchable_model import PatchableModel
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.types import Edge
 
 # word_idxs of the IOI vanilla template as the loader returns them (BOS included): the
 # file has IO 1, S1 3, S1+1 4, S2 9, end 13. The KV cache holds BOS and "When", so the

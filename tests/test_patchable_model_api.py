@@ -6,13 +6,13 @@ import torch as t
 from conftest import make_tl_model
 from tokenizers_for_tests import make_word_tokenizer
 
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.utils.ablation_activations import src_ablations
-from auto_circuit.utils.graph_utils import (
+from auto_circuit.engine.ablation_activations import src_ablations
+from auto_circuit.engine.graph_utils import (
     patch_mode,
     patchable_model,
     set_masks_from_prune_scores,
 )
+from auto_circuit.families.micro import MicroModel
 
 WORDS = ["When", "Mary", "and", "John", "went", "to", "the", "store", ",", "gave", "a", "drink"]
 

@@ -30,22 +30,22 @@ import pytest
 import torch as t
 from conftest import make_tl_model
 
-from auto_circuit.data import PromptDataLoader, PromptDataset
-from auto_circuit.errors import CircuitError
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.prune import run_circuits
-from auto_circuit.prune_algos.activation_magnitude import activation_magnitude_prune_scores
-from auto_circuit.prune_algos.circuit_probing import circuit_probing_prune_scores
-from auto_circuit.prune_algos.ground_truth import ground_truth_prune_scores
-from auto_circuit.prune_algos.random_edges import random_prune_scores
-from auto_circuit.prune_algos.subnetwork_probing import (
+from auto_circuit.algorithms.activation_magnitude import activation_magnitude_prune_scores
+from auto_circuit.algorithms.circuit_probing import circuit_probing_prune_scores
+from auto_circuit.algorithms.ground_truth import ground_truth_prune_scores
+from auto_circuit.algorithms.prune import run_circuits
+from auto_circuit.algorithms.random_edges import random_prune_scores
+from auto_circuit.algorithms.subnetwork_probing import (
     ProbingEpoch,
     faithfulness_loss,
     subnetwork_probing_prune_scores,
 )
-from auto_circuit.types import AblationType, PatchType
-from auto_circuit.utils.graph_utils import patchable_model
-from auto_circuit.utils.tensor_ops import sample_hard_concrete
+from auto_circuit.data.loaders import PromptDataLoader, PromptDataset
+from auto_circuit.engine.graph_utils import patchable_model
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.tensor_ops import sample_hard_concrete
+from auto_circuit.vocabulary.types import AblationType, PatchType
 
 PLANTED = {
     "Resid Start->B0.0",

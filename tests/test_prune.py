@@ -6,12 +6,12 @@ import pytest
 import torch as t
 from conftest import make_tl_model
 
-from auto_circuit.data import PromptDataLoader, PromptDataset
-from auto_circuit.errors import CircuitError
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.prune import run_circuits
-from auto_circuit.types import AblationType, EdgeCounts, PatchType
-from auto_circuit.utils.graph_utils import edge_counts_util, patchable_model
+from auto_circuit.algorithms.prune import run_circuits
+from auto_circuit.data.loaders import PromptDataLoader, PromptDataset
+from auto_circuit.engine.graph_utils import edge_counts_util, patchable_model
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.types import AblationType, EdgeCounts, PatchType
 
 
 def loader_of(clean: t.Tensor, corrupt: t.Tensor, batch_size: int) -> PromptDataLoader:

@@ -7,11 +7,11 @@ import inspect
 import pytest
 import torch as t
 
-from auto_circuit.data import PromptDataLoader, PromptDataset
-from auto_circuit.errors import CircuitError
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.prune_algos.prune_algos import PRUNE_ALGOS, prune_algo, run_prune_algos
-from auto_circuit.utils.graph_utils import patchable_model
+from auto_circuit.algorithms.registry import PRUNE_ALGOS, prune_algo, run_prune_algos
+from auto_circuit.data.loaders import PromptDataLoader, PromptDataset
+from auto_circuit.engine.graph_utils import patchable_model
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.vocabulary.errors import CircuitError
 
 
 @pytest.mark.parametrize("algo", PRUNE_ALGOS, ids=lambda a: a.key)

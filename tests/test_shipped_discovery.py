@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from auto_circuit.metrics.official_circuits.measure_roc import measure_roc_auc
-from auto_circuit.prune_algos.prune_algos import prune_algo
-from auto_circuit.tasks import load_task, task_by_key
+from auto_circuit.algorithms.registry import prune_algo
+from auto_circuit.app.tasks import load_task, task_by_key
+from auto_circuit.evaluation.official_circuits.measure_roc import measure_roc_auc
 
 
 @pytest.mark.parametrize(

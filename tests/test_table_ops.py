@@ -13,11 +13,11 @@ import torch as t
 from conftest import make_tl_model
 from test_tl_patching import CLEAN, CORRUPT, SEQ, edge_mask_values, oracle_masked_patch
 
-import auto_circuit.model_utils.transformer_lens_utils as tl_family
-import auto_circuit.utils.patch_wrapper as patch_wrapper
-from auto_circuit.kernels import table_ops as native
-from auto_circuit.utils.ablation_activations import src_ablations
-from auto_circuit.utils.graph_utils import patch_mode, patchable_model
+import auto_circuit.engine.patch_wrapper as patch_wrapper
+import auto_circuit.families.transformer_lens as tl_family
+from auto_circuit.engine.ablation_activations import src_ablations
+from auto_circuit.engine.graph_utils import patch_mode, patchable_model
+from auto_circuit.engine.kernels import table_ops as native
 
 HAS_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
 needs_kernel = pytest.mark.skipif(
@@ -132,7 +132,7 @@ def test_head_differences_decline_what_they_do_not_cover():
 def _status_in_subprocess(env: dict[str, str]) -> str:
     """``native_status()`` in a fresh process with ``env`` added to this one's (less any
     cache directory this one was given, unless ``env`` names one)."""
-    code = "from auto_circuit.kernels.table_ops import native_status; print(native_status())"
+    code = "from auto_circuit.engine.kernels.table_ops import native_status; print(native_status())"
     full_env = {k: v for k, v in os.environ.items() if k != "AUTO_CIRCUIT_CACHE_DIR"} | env
     done = subprocess.run(
         [sys.executable, "-c", code],

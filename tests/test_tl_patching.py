@@ -13,9 +13,9 @@ import pytest
 import torch as t
 from conftest import make_tl_model
 
-from auto_circuit.types import AblationType
-from auto_circuit.utils.ablation_activations import src_ablations
-from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks
+from auto_circuit.engine.ablation_activations import src_ablations
+from auto_circuit.engine.graph_utils import patch_mode, patchable_model, set_all_masks
+from auto_circuit.vocabulary.types import AblationType
 
 SEQ = 7
 
@@ -252,7 +252,7 @@ def test_patching_behind_a_shared_prefix_kv_cache(tmp_path):
 
     from tokenizers_for_tests import make_word_tokenizer
 
-    from auto_circuit.data import load_datasets_from_json
+    from auto_circuit.data.loaders import load_datasets_from_json
 
     words = ["When", "Mary", "and", "John", "went", "to", "the", "store", ",", "gave", "a"]
     words += ["drink", "Bob", "Dan", "Carol", "Alice"]
@@ -308,7 +308,7 @@ def test_replaced_qkv_projections_are_not_computed(monkeypatch):
     """A q/k/v that the per-head rebuild replaces is not first projected by the block."""
     import transformer_lens.components.abstract_attention as tl_attention
 
-    import auto_circuit.model_utils.transformer_lens_utils as tl_family
+    import auto_circuit.families.transformer_lens as tl_family
 
     calls = []
 
@@ -344,7 +344,7 @@ def test_replaced_qkv_projections_are_not_computed(monkeypatch):
 def test_forwards_without_gradients_reuse_no_memory_a_backward_needs():
     """No-grad forwards reuse their table and delta buffers; a forward with gradients
     keeps its own, so a no-grad forward between it and its backward changes nothing."""
-    from auto_circuit.utils.graph_utils import train_mask_mode
+    from auto_circuit.engine.graph_utils import train_mask_mode
 
     pm = patchable_model(make_tl_model(), True, separate_qkv=True)
     patch = src_ablations(pm, CORRUPT)
@@ -474,7 +474,7 @@ def test_gradients_at_fractional_masks_match_finite_differences(seq_len, per_exa
     """Every mask trained at once at random fractional values (so gradients also flow
     through upstream sources' current outputs, ``d delta / d C = -mask``): the gradients
     of edges of every kind equal central differences of the float64 model."""
-    from auto_circuit.utils.graph_utils import set_mask_batch_size, train_mask_mode
+    from auto_circuit.engine.graph_utils import set_mask_batch_size, train_mask_mode
 
     model = make_tl_model().to(t.float64)
     pm = patchable_model(model, True, seq_len=seq_len, separate_qkv=True)

@@ -3,7 +3,7 @@
 Oracles: the compiled tracr model's own outputs (computed with jax by
 ``tools/tracr/compile_tracr.py`` and shipped next to the weights); the shipped datasets'
 answers, written by a pure-Python implementation of the two programs
-(``auto_circuit.datasets_gen.tracr``); a hand-worked input per program; and, for the
+(``auto_circuit.data.generate.tracr``); a hand-worked input per program; and, for the
 circuits, the unpatched model's logits (tree patching keeps only the circuit's edges).
 """
 
@@ -15,24 +15,24 @@ from functools import cache
 import pytest
 import torch as t
 
-from auto_circuit.data import PromptDataLoader, PromptPairBatch, load_datasets_from_json
-from auto_circuit.errors import CircuitError
-from auto_circuit.metrics.official_circuits.circuits import (
+from auto_circuit.algorithms.prune import run_circuits
+from auto_circuit.data.loaders import PromptDataLoader, PromptPairBatch, load_datasets_from_json
+from auto_circuit.engine.graph_utils import patchable_model
+from auto_circuit.engine.patchable_model import PatchableModel
+from auto_circuit.evaluation.official_circuits.circuits import (
     tracr_reverse_acdc_edges,
     tracr_reverse_true_edges,
     tracr_xproportion_acdc_edges,
     tracr_xproportion_official_edges,
 )
-from auto_circuit.model_utils.tracr_model_utils import (
+from auto_circuit.families.tracr import (
     TRACR_MODELS,
     get_tracr_model,
     tracr_reference_outputs,
 )
-from auto_circuit.prune import run_circuits
-from auto_circuit.types import AblationType, Edge, PatchType
-from auto_circuit.utils.graph_utils import patchable_model
-from auto_circuit.utils.misc import repo_path_to_abs_path
-from auto_circuit.utils.patchable_model import PatchableModel
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.misc import repo_path_to_abs_path
+from auto_circuit.vocabulary.types import AblationType, Edge, PatchType
 
 N_INPUTS = {"reverse": 3**5, "xproportion": 4**5}
 ATOL = 1e-5

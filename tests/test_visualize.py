@@ -20,17 +20,19 @@ import pytest
 import torch as t
 from conftest import make_tl_model
 
-from auto_circuit.errors import CircuitError
-from auto_circuit.metrics.prune_metrics.prune_metrics import (
+from auto_circuit.engine.graph_utils import (
+    masks_saved,
+    patchable_model,
+    set_masks_from_prune_scores,
+)
+from auto_circuit.engine.patchable_model import PatchableModel
+from auto_circuit.evaluation.prune_metrics.prune_metrics import (
     CLEAN_KL_DIV_METRIC,
     LOGIT_DIFF_METRIC,
     LOGIT_DIFF_PERCENT_METRIC,
 )
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.types import PruneScores
-from auto_circuit.utils.graph_utils import masks_saved, patchable_model, set_masks_from_prune_scores
-from auto_circuit.utils.patchable_model import PatchableModel
-from auto_circuit.visualize import (
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.figures import (
     average_auc_plot,
     chromium_path,
     draw_seq_graph,
@@ -40,6 +42,8 @@ from auto_circuit.visualize import (
     task_roc_plot,
     write_figure,
 )
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.types import PruneScores
 
 # Layers of the components of a 2-layer TransformerLens graph, written out by hand.
 LAYER = {"Resid Start": 0, "A0.0": 1, "A0.1": 1, "MLP 0": 2, "A1.0": 3, "A1.1": 3}
@@ -328,15 +332,16 @@ def test_plotting_is_optional_and_changes_no_global_state() -> None:
     code = """
 import sys
 sys.modules["plotly"] = None  # as if the plot extra were not installed
-import auto_circuit.prune_algos.prune_algos, auto_circuit.metrics.prune_metrics.prune_metrics
-import auto_circuit.metrics.area_under_curve, auto_circuit.metrics.official_circuits.measure_roc
-import auto_circuit.metrics.prune_scores_similarity, auto_circuit.prune
-assert "auto_circuit.visualize" not in sys.modules, "an algorithm or metric imports plotting"
-import auto_circuit.visualize as viz
-import auto_circuit.metrics.official_circuits.roc_plot
+import auto_circuit.algorithms.registry, auto_circuit.evaluation.prune_metrics.prune_metrics
+import auto_circuit.evaluation.area_under_curve
+import auto_circuit.evaluation.official_circuits.measure_roc
+import auto_circuit.evaluation.prune_scores_similarity, auto_circuit.algorithms.prune
+assert "auto_circuit.figures" not in sys.modules, "an algorithm or metric imports plotting"
+import auto_circuit.figures as viz
+import auto_circuit.metrics.official_circuits.roc_plot  # AutoCircuit's paths
 import auto_circuit.metrics.prune_metrics.prune_metrics_plot
-from auto_circuit.model_utils.micro_model_utils import MicroModel
-from auto_circuit.utils.graph_utils import patchable_model
+from auto_circuit.families.micro import MicroModel
+from auto_circuit.engine.graph_utils import patchable_model
 pm = patchable_model(MicroModel(n_layers=2), factorized=True, slice_output=None)
 scores = pm.new_prune_scores(1.0)
 page = viz.circuit_browser_html(pm, {"all": scores})  # needs no plotly
@@ -360,8 +365,12 @@ print("ok")
 
 
 def test_shims_reexport() -> None:
-    from auto_circuit.metrics.official_circuits import roc_plot as roc_module
-    from auto_circuit.metrics.prune_metrics import prune_metrics_plot
+    import importlib
+
+    roc_module = importlib.import_module("auto_circuit.metrics.official_circuits.roc_plot")
+    prune_metrics_plot = importlib.import_module(
+        "auto_circuit.metrics.prune_metrics.prune_metrics_plot"
+    )
 
     assert roc_module.roc_plot is roc_plot and roc_module.task_roc_plot is task_roc_plot
     assert prune_metrics_plot.edge_patching_plot is edge_patching_plot

@@ -41,7 +41,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from auto_circuit.model_utils.induction_model_utils import (
+from auto_circuit.families.induction import (
     BOS_TOKEN_ID,
     CONFIG_FILE,
     DATASET_FILE,

@@ -1,0 +1,3 @@
+from auto_circuit.app.cli import app
+
+app()

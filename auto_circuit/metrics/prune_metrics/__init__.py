@@ -1,4 +1,0 @@
-"""Prune metrics: one module per metric family and the registry ``PRUNE_METRIC_DICT``.
-
-See :mod:`auto_circuit.metrics.prune_metrics.metric_result` for the per-prompt API.
-"""
