@@ -18,6 +18,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from auto_circuit.engine.settings import fast_paths_default
+
+    if not fast_paths_default():  # the suite's second run, on the reference engine
+        skip_fast = pytest.mark.skip(reason="tests a fast path; AUTO_CIRCUIT_FAST_PATHS=0")
+        for item in items:
+            if "fast_paths" in item.keywords:
+                item.add_marker(skip_fast)
     if config.getoption("--runslow"):
         return
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")

@@ -141,7 +141,7 @@ def test_masks_are_in_forward_order_in_every_process():
 def test_dests_are_grouped_in_module_order_whatever_the_input_order():
     from conftest import make_tl_model
 
-    from auto_circuit.families.registry import dests_by_module
+    from auto_circuit.families.contract import dests_by_module
 
     model = make_tl_model()
     pm = patchable_model(model, True, separate_qkv=True)

@@ -304,6 +304,7 @@ def test_patching_behind_a_shared_prefix_kv_cache(tmp_path):
     t.testing.assert_close(tail_out, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.fast_paths
 def test_replaced_qkv_projections_are_not_computed(monkeypatch):
     """A q/k/v that the per-head rebuild replaces is not first projected by the block."""
     import transformer_lens.components.abstract_attention as tl_attention

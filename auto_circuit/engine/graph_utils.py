@@ -13,8 +13,10 @@ from typing import Any, Literal
 import torch as t
 from torch import Tensor
 
-from auto_circuit.engine.patch_wrapper import PatchEngine
-from auto_circuit.engine.patchable_model import PatchableModel
+from auto_circuit.engine.fast import FastEngine
+from auto_circuit.engine.patchable_model import PATCHABLE_FLAG, PatchableModel
+from auto_circuit.engine.reference import ReferenceEngine
+from auto_circuit.engine.settings import fast_paths_default
 from auto_circuit.families.registry import family_for
 from auto_circuit.vocabulary.errors import CircuitError
 from auto_circuit.vocabulary.tensor_ops import flat_prune_scores
@@ -27,8 +29,6 @@ from auto_circuit.vocabulary.types import (
     SrcNode,
     TestEdges,
 )
-
-_PATCHABLE_FLAG = "_auto_circuit_patchable"
 
 
 def graph_edges(
@@ -47,6 +47,7 @@ def patchable_model(
     separate_qkv: bool | None = None,
     kv_caches: tuple[Any, ...] = (None,),
     device: t.device | str | None = None,
+    fast_paths: bool | None = None,
 ) -> PatchableModel:
     """Wrap ``model`` so that every edge of its computation graph can be patched.
 
@@ -63,10 +64,13 @@ def patchable_model(
         kv_caches: frozen prompt-prefix key-value caches (one per batch size), as made by
             ``load_datasets_from_json(..., tail_divergence=True)``.
         device: where masks are created; default: the model's device.
+        fast_paths: patch with the fast engine (True) or the reference engine (False);
+            None: ``AUTO_CIRCUIT_FAST_PATHS`` in the environment, default on. Both give
+            the same results (``auto_circuit.engine.settings``).
     """
     if isinstance(model, PatchableModel):
         raise CircuitError("This model is already a PatchableModel; use it directly.")
-    if getattr(model, _PATCHABLE_FLAG, False):
+    if getattr(model, PATCHABLE_FLAG, False):
         raise CircuitError(
             "patchable_model was already called on this model (its hooks are installed). "
             "Use the PatchableModel it returned, or build a fresh model."
@@ -89,8 +93,11 @@ def patchable_model(
     model_device = first_param.device if first_param is not None else t.device("cpu")
     dtype = first_param.dtype if first_param is not None else t.float32
     mask_device = t.device(device) if device is not None else model_device
-    engine = PatchEngine(model, graph, seq_len, mask_device, dtype)
-    setattr(model, _PATCHABLE_FLAG, True)
+    if fast_paths is None:
+        fast_paths = fast_paths_default()
+    engine_type = FastEngine if fast_paths else ReferenceEngine
+    engine = engine_type(model, graph, seq_len, mask_device, dtype)
+    setattr(model, PATCHABLE_FLAG, True)
     return PatchableModel(model, graph, engine, factorized, seq_len, out_slice, kv_caches)
 
 
@@ -174,8 +181,7 @@ def patch_mode(
             yield
         finally:
             state.patch_mode, state.patch_src_outs, state.curr_src_outs = previous
-            state.clear_forward()
-            state.spare_table = state.spare_deltas = None
+            model.engine.release()
 
 
 @contextmanager

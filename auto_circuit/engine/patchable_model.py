@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import torch as t
 from torch import Tensor
 
-from auto_circuit.engine.patch_wrapper import PatchEngine, PatchWrapperImpl
-from auto_circuit.families.registry import FamilyGraph
+from auto_circuit.engine.patch_wrapper import PatchWrapperImpl
+from auto_circuit.engine.reference import ReferenceEngine
+from auto_circuit.families.block_forward import BlockForward
+from auto_circuit.families.contract import FamilyGraph
 from auto_circuit.vocabulary.errors import CircuitError
 from auto_circuit.vocabulary.misc import did_you_mean
 from auto_circuit.vocabulary.types import DestNode, Edge, Node, PruneScores, SrcNode
+
+PATCHABLE_FLAG = "_auto_circuit_patchable"
+"""Set on a model while a ``PatchableModel`` wraps it (its hooks are installed)."""
 
 
 class PatchableModel(t.nn.Module):
@@ -33,7 +39,7 @@ class PatchableModel(t.nn.Module):
         self,
         wrapped_model: t.nn.Module,
         graph: FamilyGraph,
-        engine: PatchEngine,
+        engine: ReferenceEngine,
         factorized: bool,
         seq_len: int | None,
         out_slice: tuple[slice | int, ...],
@@ -52,6 +58,7 @@ class PatchableModel(t.nn.Module):
         self.is_factorized = factorized
         self.is_transformer = graph.is_transformer
         self.separate_qkv = graph.separate_qkv
+        self._block_forward: BlockForward | None = graph.block_forward
         self.kv_caches: dict[int, Any] = {
             _kv_cache_batch_size(c): c for c in kv_caches if c is not None
         }
@@ -62,6 +69,7 @@ class PatchableModel(t.nn.Module):
         self.sorted_srcs: list[SrcNode] = sorted(self.srcs, key=lambda s: s.src_idx)
         self._src_by_name = {s.name: s for s in self.srcs}
         self._dest_by_name = {d.name: d for d in self.dests}
+        self.removed = False
         self.n_edges = sum(engine.masks[d.module_name].numel() for d in graph.dest_sites)
 
     def __deepcopy__(self, memo: dict) -> PatchableModel:
@@ -184,6 +192,88 @@ class PatchableModel(t.nn.Module):
         """The current mask values as prune scores."""
         return {name: mask.detach().clone() for name, mask in self.patch_masks.items()}
 
+    # ---- front doors: what other layers may ask of the engine and the family -------
+
+    @property
+    def is_patching(self) -> bool:
+        """Whether patch mode is on (inside ``patch_mode``): forwards are patched."""
+        return self.engine.state.patch_mode
+
+    @cached_property
+    def mask_sites(self) -> dict[str, MaskSite]:
+        """Every destination mask, by module name (the keys of ``patch_masks``)."""
+        return {
+            name: MaskSite(
+                module_name=name,
+                in_srcs=site.in_srcs,
+                n_heads=site.n_heads,
+                shape=tuple(self.engine.mask_shape(site)),
+                hook_modules=tuple(hook.hook_module for hook in site.hooks),
+            )
+            for name, site in self.engine.dest_sites.items()
+        }
+
+    def mask_site(self, module_name: str) -> MaskSite:
+        """The destination mask of module ``module_name``; unknown names list close
+        matches."""
+        sites = self.mask_sites
+        if module_name not in sites:
+            raise CircuitError(
+                f"No destination mask {module_name!r} in this graph."
+                f"{did_you_mean(module_name, sites)}"
+            )
+        return sites[module_name]
+
+    @cached_property
+    def source_sites(self) -> list[SourceSite]:
+        """Where the sources are read, ordered by source index."""
+        return [
+            SourceSite(site.module_name, site.hook_module, site.src_idxs)
+            for site in sorted(self.engine.src_sites, key=lambda s: s.src_idxs.start)
+        ]
+
+    def srcs_into(self, module_name: str) -> list[SrcNode]:
+        """The sources feeding the destinations of mask ``module_name``, in the order of
+        the mask's last axis."""
+        span = self.mask_site(module_name).in_srcs
+        return self.sorted_srcs[span.start : span.stop]
+
+    def feeds(self, src: SrcNode, dest: DestNode) -> bool:
+        """Whether the graph has an edge ``src -> dest``."""
+        return src.src_idx in self.mask_site(dest.module_name).in_srcs
+
+    @property
+    def family_name(self) -> str:
+        """The name of the wrapped model's family (``auto_circuit.families.registry``)."""
+        from auto_circuit.families.registry import family_for
+
+        return family_for(self.wrapped_model).name
+
+    @property
+    def has_block_forward(self) -> bool:
+        """Whether the model's family offers a ``BlockForward`` (running the model from
+        a block's input residual; ``auto_circuit.families.block_forward``)."""
+        return self._block_forward is not None
+
+    def block_forward(self, need: str) -> BlockForward:
+        """The family's ``BlockForward``, or a CircuitError saying that ``need`` (what
+        the caller wants it for, e.g. "ACDC's block skipping") cannot be met."""
+        if self._block_forward is None:
+            raise CircuitError(
+                f"{need} needs a block forward (running the model from a block's input "
+                f"residual stream, auto_circuit.families.block_forward.BlockForward), but "
+                f"the {self.family_name} family has no block forward. Use a model of a family "
+                "that provides one (FamilyGraph.block_forward; transformer_lens does), or "
+                "add one to this family."
+            )
+        return self._block_forward
+
+    def embed(self, inputs: Tensor, need: str) -> tuple[Tensor, dict[str, Any]]:
+        """The input residual stream for ``inputs`` and the keyword arguments with which
+        ``model(resid, **kwargs)`` runs from it (with the prompt-prefix KV cache, as the
+        forward would). ``need`` as for ``block_forward``."""
+        return self.block_forward(need).embed(inputs, **self._with_kv_cache((inputs,), {}))
+
     # ---- pass-throughs -------------------------------------------------------------
 
     def _with_kv_cache(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +288,11 @@ class PatchableModel(t.nn.Module):
         return {**kwargs, "past_kv_cache": self.kv_caches[batch_size]}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.removed:
+            raise CircuitError(
+                "This PatchableModel was removed (remove() gave the model back); call the "
+                "model itself, or wrap it again with patchable_model."
+            )
         return self.wrapped_model(*args, **self._with_kv_cache(args, kwargs))
 
     def run_with_cache(self, *args: Any, **kwargs: Any) -> Any:
@@ -236,6 +331,48 @@ class PatchableModel(t.nn.Module):
     @property
     def device(self) -> t.device:
         return next(iter(self.patch_masks.values())).device
+
+    # ---- giving the model back -----------------------------------------------------
+
+    def remove(self) -> t.nn.Module:
+        """Take every hook and patched method off the wrapped model and return it, as it
+        was before ``patchable_model`` (same outputs, bit for bit). This wrapper no
+        longer runs afterwards; calling it twice is harmless."""
+        if not self.removed:
+            self.engine.remove()
+            if PATCHABLE_FLAG in vars(self.wrapped_model):
+                delattr(self.wrapped_model, PATCHABLE_FLAG)
+            self.removed = True
+        return self.wrapped_model
+
+    def __enter__(self) -> PatchableModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+@dataclass(frozen=True)
+class MaskSite:
+    """One destination mask: the module hosting its destinations, the sources feeding
+    them (``in_srcs``, the mask's last axis), its heads (None: one destination), the
+    mask's ``shape`` ``[(seq,) (head,) n_in]`` and the modules whose hooks patch it."""
+
+    module_name: str
+    in_srcs: range
+    n_heads: int | None
+    shape: tuple[int, ...]
+    hook_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SourceSite:
+    """A block of sources ``src_idxs`` (contiguous), named by ``module_name``, read from
+    the output of ``hook_module``."""
+
+    module_name: str
+    hook_module: str
+    src_idxs: range
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

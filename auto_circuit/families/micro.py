@@ -13,7 +13,7 @@ import torch as t
 from jaxtyping import Float
 from torch import Tensor
 
-from auto_circuit.families.registry import (
+from auto_circuit.families.contract import (
     DestHook,
     DestSite,
     FamilyGraph,
@@ -21,8 +21,8 @@ from auto_circuit.families.registry import (
     contiguous_range,
     dest_in_srcs,
     dests_by_module,
-    register_family,
 )
+from auto_circuit.families.registry import register_family
 from auto_circuit.vocabulary.errors import CircuitError
 from auto_circuit.vocabulary.types import DestNode, SrcNode
 

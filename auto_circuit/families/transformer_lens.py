@@ -33,8 +33,10 @@ output for every later reader.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import count
 from types import MethodType
 from typing import Any
@@ -44,22 +46,27 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from auto_circuit.engine.kernels.table_ops import head_differences
-from auto_circuit.families.registry import (
-    ApplyDelta,
-    Delta,
+from auto_circuit.families.block_forward import BlockInput
+from auto_circuit.families.contract import (
+    AddDelta,
     DestHook,
     DestSite,
-    DiffWriter,
     FamilyGraph,
-    GetDelta,
-    Interceptor,
     SrcSite,
     contiguous_range,
     dest_in_srcs,
     dests_by_module,
-    register_family,
 )
+from auto_circuit.families.fast_paths import (
+    Delta,
+    FastAdd,
+    FastDest,
+    FastPaths,
+    GetDelta,
+    HeadProjection,
+    Interceptor,
+)
+from auto_circuit.families.registry import register_family
 from auto_circuit.vocabulary.errors import CircuitError
 from auto_circuit.vocabulary.types import DestNode, SrcNode
 
@@ -261,37 +268,49 @@ def _head_reader(attn: t.nn.Module):
     return read
 
 
-def _head_diff_writer(attn: Any) -> DiffWriter:
-    """``patch - z_h W_O_h`` for every head, written into the table rows by the native
-    kernel, else accumulated by one ``baddbmm``, instead of a head-output tensor and a
-    subtraction: about half the memory traffic."""
-    read = _head_reader(attn)
+def _head_projection(attn: Any) -> HeadProjection:
+    """Head outputs as ``z_h @ W_O_h``, for the engine to subtract in one product."""
 
-    def shape(z: Float[Tensor, "batch seq head d_head"]) -> tuple[int, int, int, int]:
-        batch, seq, n_heads, _ = z.shape
-        return n_heads, batch, seq, attn.W_O.shape[-1]
-
-    def write(
+    def operands(
         z: Float[Tensor, "batch seq head d_head"],
-        patch: Tensor,
-        out: Float[Tensor, "head batch seq d_model"],
-    ) -> None:
-        weight = attn.W_O
-        if not (z.dtype == weight.dtype == out.dtype):
-            t.sub(patch, read(z), out=out)
-            return
-        if head_differences(z, weight, patch, out):
-            return
-        n_heads, batch, seq, d_model = out.shape
-        out.copy_(patch.expand_as(out))
-        per_head = z.permute(2, 0, 1, 3).reshape(n_heads, batch * seq, -1)
-        out.view(n_heads, batch * seq, d_model).baddbmm_(per_head, weight, alpha=-1)
+    ) -> tuple[Float[Tensor, "batch seq head d_head"], Float[Tensor, "head d_head d_model"]]:
+        return z, attn.W_O
 
-    return DiffWriter(shape, write)
+    return HeadProjection(operands)
 
 
-def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelta:
-    """Rebuild every head's q/k/v from ``ln1(resid_pre + delta_head)``, as the block would.
+def _project_heads(
+    normed: Float[Tensor, "batch seq head d_model"],
+    weight: Float[Tensor, "head d_model d_head"],
+    bias: Float[Tensor, "head d_head"],
+) -> Float[Tensor, "batch seq head d_head"]:
+    """Each head's own input through its own projection: ``normed_h @ W_h + b_h``."""
+    batch, seq, n_heads, d_model = normed.shape
+    # Head-major view (batch and seq merge), so the projection is one bmm.
+    per_head = normed.permute(2, 0, 1, 3).reshape(n_heads, batch * seq, d_model)
+    out = t.bmm(per_head, weight).view(n_heads, batch, seq, -1).permute(1, 2, 0, 3)
+    return out + bias
+
+
+def _qkv_add(block: t.nn.Module, letter: str, block_idx: int) -> AddDelta:
+    """The plain patch of a block's q/k/v: every head's input rebuilt as
+    ``ln1(resid_pre + delta_h)`` and projected by that head's ``W_h``, replacing the
+    block's own q/k/v (``hook_q/k/v`` output)."""
+    attn: Any = block.attn
+    ln1 = _fused_norm(block.ln1)
+    probe = f"blocks.{block_idx}.hook_resid_pre"
+
+    def add(
+        hooked: Tensor, delta: Tensor, probes: Mapping[str, Tensor]
+    ) -> Float[Tensor, "batch seq head d_head"]:
+        normed = ln1(probes[probe].unsqueeze(2) + delta)
+        return _project_heads(normed, getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}"))
+
+    return add
+
+
+def _qkv_fast_add(block: t.nn.Module, letter: str, block_idx: int) -> FastAdd:
+    """``_qkv_add``'s result with less memory and time.
 
     With gradients on, the rebuild runs under an activation checkpoint: the per-head
     ``[batch, seq, head, d_model]`` inputs and their normalised copies are recomputed in
@@ -307,12 +326,7 @@ def _qkv_rebuilder(block: t.nn.Module, letter: str, block_idx: int) -> ApplyDelt
     def rebuild(resid: Tensor, delta: Delta) -> Tensor:
         summed = delta() if delta.includes_base else resid.unsqueeze(2) + delta()
         normed = ln1(summed)  # [batch, seq, head, d_model]
-        batch, seq, n_heads, d_model = normed.shape
-        weight = getattr(attn, f"W_{letter}")
-        # Head-major view (batch and seq merge), so the projection is one bmm.
-        per_head = normed.permute(2, 0, 1, 3).reshape(n_heads, batch * seq, d_model)
-        out = t.bmm(per_head, weight).view(n_heads, batch, seq, -1).permute(1, 2, 0, 3)
-        return out + getattr(attn, f"b_{letter}")
+        return _project_heads(normed, getattr(attn, f"W_{letter}"), getattr(attn, f"b_{letter}"))
 
     folded = _FoldedProjection()
 
@@ -351,8 +365,7 @@ def _rebuild_in_place(
     (``includes_base``), else it is formed in the delta's memory (when the engine hands
     it over, else in one copy). The normalisation is applied on the ``d_head`` side:
     its weight, bias and centring are folded into ``weight`` and ``shift``
-    (``_FoldedProjection``), and its scale comes from ``mean(x^2) - mean(x)^2``: from
-    the row sums the engine computed with the delta (``Delta.row_stats``), else two
+    (``_FoldedProjection``), and its scale comes from ``mean(x^2) - mean(x)^2``: two
     reads of ``x`` and no write. Where that difference would lose precision (the mean
     is large against the spread: ``mean^2 > mean(x^2) / 2`` somewhere) and off the CPU
     (where the passes are cheap and a data-dependent branch would synchronise), the
@@ -365,13 +378,10 @@ def _rebuild_in_place(
         mine = True
         x.add_(resid.to(x.dtype).unsqueeze(2))
     batch, seq, n_heads, d_model = x.shape
-    sums = delta.row_stats if delta.includes_base else None
-    if sums is not None:  # computed with the delta
-        var = sums[..., 1:].div(d_model)
-    else:  # (var_mean would do both in one pass, but its CPU kernel is ~10x slower)
-        var = t.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_model)
+    # (var_mean would do both in one pass, but its CPU kernel is ~10x slower)
+    var = t.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d_model)
     if centered:
-        mean = x.mean(dim=-1, keepdim=True) if sums is None else sums[..., :1].div(d_model)
+        mean = x.mean(dim=-1, keepdim=True)
         mean_sq = mean.square()
         if x.device.type == "cpu" and not bool((mean_sq > var / 2).any()):
             var.sub_(mean_sq).clamp_(min=0)
@@ -527,10 +537,6 @@ def _fused_norm(norm: Any) -> Callable[[Tensor], Tensor]:
     return norm
 
 
-def _add(hooked: Tensor, delta: Delta, probes: Mapping[str, Tensor]) -> Tensor:
-    return hooked + delta()
-
-
 class TransformerLensFamily:
     name = "transformer_lens"
     description = (
@@ -561,7 +567,8 @@ class TransformerLensFamily:
             probes=[f"blocks.{b}.hook_resid_pre" for b in range(_layers(model)[0])],
             is_transformer=True,
             separate_qkv=separate_qkv if factorized else None,
-            interceptors=_qkv_interceptors(model, factorized, bool(separate_qkv)),
+            fast_paths=_fast_paths(model, srcs, dests, factorized, bool(separate_qkv)),
+            block_forward=TransformerLensBlockForward(model),
         )
 
 
@@ -630,6 +637,8 @@ def _qkv_interceptors(model, factorized: bool, separate_qkv: bool) -> tuple[Inte
 
 
 def _src_sites(model, srcs: set[SrcNode]) -> list[SrcSite]:
+    """Residual sources are read where they are; heads as ``z`` at ``hook_z``, projected
+    through ``W_O`` when read (``use_attn_result`` may stay off)."""
     by_module: dict[str, list[int]] = {}
     for src in sorted(srcs, key=lambda s: s.src_idx):
         by_module.setdefault(src.module_name, []).append(src.src_idx)
@@ -637,12 +646,14 @@ def _src_sites(model, srcs: set[SrcNode]) -> list[SrcSite]:
     for name, idxs in by_module.items():
         if name.endswith("attn.hook_result"):
             attn_name = name.rsplit(".", 1)[0]
-            attn = model.get_submodule(attn_name)
-            hook, read, writer = f"{attn_name}.hook_z", _head_reader(attn), _head_diff_writer(attn)
+            hook, read = f"{attn_name}.hook_z", _head_reader(model.get_submodule(attn_name))
         else:
-            hook, read, writer = name, _read_resid, None
-        sites.append(SrcSite(name, hook, contiguous_range(idxs, name), read, writer))
+            hook, read = name, _read_resid
+        sites.append(SrcSite(name, hook, contiguous_range(idxs, name), read))
     return sites
+
+
+_QKV_KINDS = ("hook_q_input", "hook_k_input", "hook_v_input")
 
 
 def _dest_sites(
@@ -653,40 +664,120 @@ def _dest_sites(
         block_idx = int(name.split(".")[1])
         block = model.blocks[block_idx]
         kind = name.rsplit(".", 1)[1]
-        if kind in ("hook_q_input", "hook_k_input", "hook_v_input"):
-            letter = kind[5].upper()
-            hooks: tuple[DestHook, ...] = (
-                DestHook(
-                    f"blocks.{block_idx}.attn.hook_{letter.lower()}",
-                    "output",
-                    _qkv_rebuilder(block, letter, block_idx),
-                ),
-            )
-        elif kind == "hook_attn_in":
+        if kind in _QKV_KINDS or kind == "hook_attn_in":
+            letters = kind[5].upper() if kind in _QKV_KINDS else "QKV"
             hooks = tuple(
                 DestHook(
                     f"blocks.{block_idx}.attn.hook_{letter.lower()}",
                     "output",
-                    _qkv_rebuilder(block, letter, block_idx),
+                    _qkv_add(block, letter, block_idx),
                 )
-                for letter in "QKV"
+                for letter in letters
             )
         elif kind == "hook_mlp_in":
-            hooks = (DestHook(f"blocks.{block_idx}.ln2", "input", _add),)
+            hooks = (DestHook(f"blocks.{block_idx}.ln2", "input"),)
         else:  # residual checkpoints: hook_resid_post, hook_resid_mid
-            hooks = (DestHook(name, "output", _add),)
+            hooks = (DestHook(name, "output"),)
         n_heads = len(nodes) if nodes[0].head_idx is not None else None
-        in_srcs = dest_in_srcs(srcs, nodes[0], factorized)
-        fuse = (
-            f"blocks.{block_idx}.qkv" if kind.endswith(("q_input", "k_input", "v_input")) else None
-        )
-        base = (
-            f"blocks.{block_idx}.hook_resid_pre"
-            if kind in ("hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in")
-            else None
-        )
-        sites.append(DestSite(name, hooks, n_heads, in_srcs, fuse_key=fuse, base_probe=base))
+        sites.append(DestSite(name, hooks, n_heads, dest_in_srcs(srcs, nodes[0], factorized)))
     return sites
+
+
+def _fast_paths(
+    model, srcs: set[SrcNode], dests: set[DestNode], factorized: bool, separate_qkv: bool
+) -> FastPaths:
+    """Heads' differences in one product; a block's Q/K/V deltas from one product with
+    its residual folded in; the q/k/v rebuild in place, under a checkpoint with
+    gradients, or skipped with a closed-form gradient when every mask is 0; the block's
+    own projection skipped where the rebuild replaces it."""
+    projections = {
+        src.module_name: _head_projection(model.get_submodule(src.module_name.rsplit(".", 1)[0]))
+        for src in srcs
+        if src.module_name.endswith("attn.hook_result")
+    }
+    fast_dests = {}
+    for name in {d.module_name for d in dests}:
+        block_idx = int(name.split(".")[1])
+        block = model.blocks[block_idx]
+        kind = name.rsplit(".", 1)[1]
+        if kind in _QKV_KINDS or kind == "hook_attn_in":
+            letters = kind[5].upper() if kind in _QKV_KINDS else "QKV"
+            fast_dests[name] = FastDest(
+                fuse_key=f"blocks.{block_idx}.qkv" if kind in _QKV_KINDS else None,
+                base_probe=f"blocks.{block_idx}.hook_resid_pre",
+                adds=tuple(_qkv_fast_add(block, letter, block_idx) for letter in letters),
+            )
+    return FastPaths(
+        head_projections=projections,
+        dests=fast_dests,
+        interceptors=_qkv_interceptors(model, factorized, separate_qkv),
+    )
+
+
+class TransformerLensBlockForward:
+    """``BlockForward`` (``auto_circuit.families.block_forward``) for a
+    ``HookedTransformer``: ``start_at_layer`` / ``stop_at_layer``, ``ln_final`` and
+    ``unembed``, the input residual at ``blocks.0.hook_resid_pre``."""
+
+    input_hook = "blocks.0.hook_resid_pre"
+
+    def __init__(self, model: Any):
+        self._model = model
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self._model.blocks)
+
+    @property
+    def unembeds_per_position(self) -> bool:
+        # Soft-capped logits are post-processed after the unembedding.
+        return not (getattr(self._model.cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0
+
+    @cached_property
+    def _owner(self) -> dict[int, int]:
+        return {id(mod): i for i, block in enumerate(self._model.blocks) for mod in block.modules()}
+
+    def block_of(self, module_name: str) -> int | None:
+        return self._owner.get(id(self._model.get_submodule(module_name)))
+
+    @contextmanager
+    def recording_block_inputs(self) -> Iterator[dict[int, BlockInput]]:
+        recorded: dict[int, BlockInput] = {}
+        handles = []
+        for i, block in enumerate(self._model.blocks):
+
+            def hook(mod: t.nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+                recorded[i] = BlockInput(args[0].detach(), kwargs.get("attention_mask"))
+
+            handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield recorded
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def run_from_block(
+        self,
+        resid: Tensor,
+        block: int,
+        attention_mask: Tensor | None = None,
+        stop_before_unembed: bool = False,
+    ) -> Tensor:
+        kwargs: dict[str, Any] = {"start_at_layer": block}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if stop_before_unembed:
+            kwargs["stop_at_layer"] = self.n_blocks
+        return self._model(resid, **kwargs)
+
+    def unembed(self, resid: Tensor) -> Tensor:
+        if self._model.cfg.normalization_type is not None:
+            resid = self._model.ln_final(resid)
+        return self._model.unembed(resid)
+
+    def embed(self, inputs: Tensor, **forward_kwargs: Any) -> tuple[Tensor, dict[str, Any]]:
+        resid, tokens, _, attention_mask = self._model.input_to_embed(inputs, **forward_kwargs)
+        return resid, {"start_at_layer": 0, "tokens": tokens, "attention_mask": attention_mask}
 
 
 register_family(TransformerLensFamily())
