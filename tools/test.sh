@@ -17,4 +17,8 @@ fi
 ruff check auto_circuit tests benchmarks tools
 ruff format --check auto_circuit tests benchmarks tools
 pyright auto_circuit
+# Library code must not rely on assert (python -O strips it): run ACDC and the engine
+# under -O. pytest still rewrites the asserts of test modules under -O, so the tests check.
+python -O -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
+  tests/test_acdc.py tests/test_tl_patching.py tests/test_micro_model.py
 python -m pytest -q "$@"

@@ -55,7 +55,7 @@ def activation_magnitude_prune_scores(
     magnitudes = _source_magnitudes(model, dataloader).to(model.device)
     scores: PruneScores = {}
     for name, mask in model.patch_masks.items():
-        site = model.engine.dest_sites[name]
+        site = model.mask_site(name)
         incoming = magnitudes[site.in_srcs.start : site.in_srcs.stop]  # [n_in, *seq]
         if model.seq_len is not None:
             incoming = incoming.T  # [seq, n_in]

@@ -43,15 +43,16 @@ from auto_circuit.vocabulary.types import AblationType, PruneScores
 EapIgMethod = Literal["inputs", "activations", "clean-corrupted"]
 
 
+_INPUT_PATH = "EAP-IG's path over the inputs (method 'inputs' or 'clean-corrupted')"
+
+
 def _embed(model: PatchableModel, inputs: Tensor) -> tuple[Tensor, dict]:
-    """The model's input as a point that can be interpolated, and how to run from it."""
-    inner = model.wrapped_model
-    if hasattr(inner, "input_to_embed"):
-        resid, tokens, _, attention_mask = model.input_to_embed(inputs)
-        return resid, {"start_at_layer": 0, "tokens": tokens, "attention_mask": attention_mask}
-    if inputs.is_floating_point():
-        return inputs, {}
-    raise CircuitError("EAP-IG with method='inputs' needs float inputs or a TransformerLens model.")
+    """The model's input as a point that can be interpolated, and how to run from it:
+    the input residual stream where the family has a block forward, else float inputs
+    themselves (integer inputs without one: an error naming the family)."""
+    if model.has_block_forward or not inputs.is_floating_point():
+        return model.embed(inputs, need=f"{_INPUT_PATH} on token inputs")
+    return inputs, {}
 
 
 def _metric(model: PatchableModel, out: Tensor, batch, grad_function, answer_function) -> Tensor:
@@ -144,7 +145,7 @@ def _activation_paths(
                 name: in_layer[site.in_srcs.start : site.in_srcs.stop]
                 .to(scores[name].device)
                 .expand_as(scores[name])
-                for name, site in model.engine.dest_sites.items()
+                for name, site in model.mask_sites.items()
             }
             for k in range(1, steps + 1):
                 alpha = k / steps

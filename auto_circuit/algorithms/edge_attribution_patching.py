@@ -78,15 +78,19 @@ def edge_attribution_patching_prune_scores(
     gradient is averaged over runs from the embeddings ``corrupt + k/m (clean -
     corrupt)``, k = 1..m: EAP-IG with input interpolation (Hanna et al. 2024).
     """
+    # The unwrapped model with its own hooks: this oracle is independent of the engine.
     inner: Any = model.wrapped_model
     if not model.is_transformer or not hasattr(inner, "hooks"):
         raise CircuitError(
             "edge_attribution_patching_prune_scores needs a TransformerLens model; use "
             "mask_gradient_prune_scores (same scores) for other models."
         )
+    input_hook = model.block_forward(
+        "edge_attribution_patching_prune_scores (the input residual's hook point)"
+    ).input_hook
     steps = input_interpolation_steps
     alphas = [1.0] if steps is None else [k / steps for k in range(1, steps + 1)]
-    src_names = sorted({s.module_name for s in model.srcs} | {"blocks.0.hook_resid_pre"})
+    src_names = sorted({s.module_name for s in model.srcs} | {input_hook})
     dest_names = sorted(model.patch_masks)
     scores = model.new_prune_scores()
     with tl_hook_flags(inner, model.separate_qkv):
@@ -108,7 +112,7 @@ def edge_attribution_patching_prune_scores(
                     point = start + alpha * (ends[1][hook.name] - start)
                     return point.detach().requires_grad_(True)
 
-                fwd = [("blocks.0.hook_resid_pre", interpolated_input)]
+                fwd = [(input_hook, interpolated_input)]
                 bwd = [(name, save_grad) for name in dest_names]
                 with inner.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
                     logits = inner(batch.clean)[model.out_slice]
@@ -118,7 +122,7 @@ def edge_attribution_patching_prune_scores(
                 model, clean_cache
             )
             for name in dest_names:
-                site = model.engine.dest_sites[name]
+                site = model.mask_site(name)
                 diff = src_diff[site.in_srcs.start : site.in_srcs.stop]
                 heads = "h" if site.n_heads is not None else ""
                 seq = "s" if model.seq_len is not None else ""

@@ -216,7 +216,7 @@ def _check_args(
         )
     if circuit_size is not None and circuit_size <= 0:
         raise CircuitError(f"circuit_size must be a positive number of edges, got {circuit_size}.")
-    if model.engine.state.patch_mode:
+    if model.is_patching:
         raise CircuitError("Call subnetwork probing outside patch_mode: it patches by itself.")
 
 

@@ -54,7 +54,7 @@ def mib_circuit(
         threshold = desc_prune_scores(prune_scores)[n_edges - 1] if n_edges else None
     edges: dict[str, dict[str, Any]] = {}
     nodes: dict[str, dict[str, bool]] = {}
-    for name, site in model.engine.dest_sites.items():
+    for name in model.mask_sites:
         scores = prune_scores[name].detach().float().cpu()
         in_graph = (
             scores.abs() >= threshold
@@ -64,7 +64,7 @@ def mib_circuit(
         if model.seq_len is not None:  # positions are not part of the format
             scores, in_graph = scores.sum(0), in_graph.any(0)
         dests = sorted((d for d in model.dests if d.module_name == name), key=_head_of)
-        srcs = model.sorted_srcs[site.in_srcs.start : site.in_srcs.stop]
+        srcs = model.srcs_into(name)
         for dest in dests:
             row = dest.head_idx if dest.head_idx is not None else None
             dest_scores = scores[row] if row is not None else scores

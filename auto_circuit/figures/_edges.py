@@ -133,7 +133,7 @@ def _edge(
     srcs: dict[int, SrcNode],
     dests: dict[str, dict[int | None, DestNode]],
 ) -> Edge:
-    site = model.engine.dest_sites[module]
+    site = model.mask_site(module)
     rest = list(idx)
     seq_idx = rest.pop(0) if model.seq_len is not None else None
     head = rest.pop(0) if site.n_heads is not None else None

@@ -44,7 +44,7 @@ def as_float(x: Tensor) -> Tensor:
 
 def model_outputs(model: PatchableModel, inputs: Tensor) -> Tensor:
     """The unpatched model's output on ``inputs``, at ``model.out_slice``, detached."""
-    if isinstance(model, PatchableModel) and model.engine.state.patch_mode:
+    if isinstance(model, PatchableModel) and model.is_patching:
         raise CircuitError(
             "The metric's reference forward needs the unpatched model, but the model is in "
             "patch_mode. Call the metric outside the patch_mode context."

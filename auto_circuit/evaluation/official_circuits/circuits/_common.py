@@ -105,12 +105,11 @@ def check_model(
 
 
 def _tl_cfg(model: PatchableModel, circuit: str, shape: ModelShape) -> Any:
-    cfg = getattr(getattr(model, "wrapped_model", None), "cfg", None)
+    cfg = getattr(model, "cfg", None)  # the TransformerLens config, passed through
     if cfg is None:
         raise CircuitError(
             f"{circuit} is defined on a TransformerLens HookedTransformer shaped like "
-            f"{shape}; got a PatchableModel wrapping "
-            f"{type(getattr(model, 'wrapped_model', model)).__name__}."
+            f"{shape}; got a model of the {model.family_name} family."
         )
     return cfg
 
@@ -177,7 +176,7 @@ def to_graph_position(
 def feeds(model: PatchableModel, src_name: str, dest_name: str) -> bool:
     """Whether the graph has an edge ``src_name -> dest_name`` (both names must exist)."""
     src, dest = model.src_node(src_name), model.dest_node(dest_name)
-    return src.src_idx in model.engine.dest_sites[dest.module_name].in_srcs
+    return model.feeds(src, dest)
 
 
 def circuit_edges(
@@ -242,8 +241,7 @@ def node_circuit_edges(
     every = graph_positions(model)
     edges: set[Edge] = set()
     for dest in model.dests:
-        site = model.engine.dest_sites[dest.module_name]
-        for src in model.sorted_srcs[site.in_srcs.start : site.in_srcs.stop]:
+        for src in model.srcs_into(dest.module_name):
             positions = every if src.head_idx is None else kept.get(src.name, [])
             edges.update(Edge(src, dest, pos) for pos in positions)
     return edges
