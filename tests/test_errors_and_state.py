@@ -77,13 +77,6 @@ def test_unfactorized_parallel_model_is_refused():
         patchable_model(make_tl_model(parallel_attn_mlp=True), factorized=False)
 
 
-def test_wrapping_twice_is_refused(micro):
-    with pytest.raises(CircuitError, match="already a PatchableModel"):
-        patchable_model(micro, factorized=True)
-    with pytest.raises(CircuitError, match="already called on this model"):
-        patchable_model(micro.wrapped_model, factorized=True)
-
-
 def test_deep_copies(micro):
     """A PatchableModel refuses to be deep-copied (its hooks would still belong to the
     original); a deep copy of a wrapped transformer computes with its own weights."""

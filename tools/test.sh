@@ -22,3 +22,5 @@ pyright auto_circuit
 python -O -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestConfigWarning \
   tests/test_acdc.py tests/test_tl_patching.py tests/test_micro_model.py
 python -m pytest -q "$@"
+# The whole suite again on the reference engine (no fast path): the same oracles hold.
+AUTO_CIRCUIT_FAST_PATHS=0 python -m pytest -q -p no:cacheprovider "$@"

@@ -54,7 +54,7 @@ def _file_digest(path: Path) -> str:
 
 def task_config(task: Task) -> dict[str, Any]:
     """Everything that determines a task's data and model, for cache keys."""
-    fields = {k: v for k, v in vars(task).items() if k not in ("name",)}
+    fields = {k: v for k, v in vars(task).items() if k not in ("name", "_loaded")}
     return {"task": _describe(fields), "dataset_sha256": _file_digest(task.dataset_path())}
 
 

@@ -25,41 +25,146 @@ ModelDef = str | Callable[[t.device], t.nn.Module]
 TrueEdgeFunc = Callable[..., set[Edge]]
 
 
-@dataclass(frozen=True)
-class Task:
-    """A behaviour to find a circuit for.
+_AUTOENCODER_FIELDS = (
+    "autoencoder_input",
+    "autoencoder_max_latents",
+    "autoencoder_pythia_size",
+    "autoencoder_prune_with_corrupt",
+)
 
-    Args:
+
+@dataclass(frozen=True, init=False)
+class Task:
+    """A behaviour to find a circuit for: configuration, and the loaded task on demand.
+
+    Args (AutoCircuit's fields; ``model_def``, ``dataset_name`` and ``true_edge_func``
+    are accepted for the underscored three):
         key, name: identifier and display name.
-        model_def: a TransformerLens model name (loaded with ``load_tl_model``: weights
-            as published, no folding) or a function ``device -> model``.
-        dataset_name: a packaged dataset (``"ioi/ioi_vanilla_template_prompts"``) or a
-            path to a JSON file, without or with ``.json``.
         batch_size, batch_count: per split (an int for both, or ``(train, test)``); the
             split sizes are ``batch_size * batch_count``.
         token_circuit: give every token position its own edges.
-        true_edge_func: the official circuit function
+        _model_def: a TransformerLens model name or a local checkpoint directory (loaded
+            with ``load_tl_model``: weights as published, no folding, in ``dtype``) or a
+            function ``device -> model``.
+        _dataset_name: a packaged dataset (``"ioi/ioi_vanilla_template_prompts"``) or a
+            path to a JSON file, without or with ``.json``.
+        factorized, separate_qkv, slice_output: the graph (``patchable_model``).
+        _true_edge_func: the official circuit function
             ``(model, token_positions, word_idxs, seq_start_idx) -> set[Edge]``.
+        autoencoder_input, autoencoder_max_latents, autoencoder_pythia_size,
+        autoencoder_prune_with_corrupt: AutoCircuit's sparse-autoencoder tasks. Accepted;
+            loading such a task raises an error (not supported yet).
+        dtype: the model's dtype.
+        __init_complete__: AutoCircuit's internal flag; accepted and ignored.
+        tail_divergence, prepend_bos, load_kwargs: passed to ``load_datasets_from_json``.
         metric_key, ablation_type: how the task's circuits are evaluated by default
             (a key of ``PRUNE_METRIC_DICT``; the ablation its official circuit assumes).
+
+    ``task.model``, ``task.train_loader``, ``task.test_loader``, ``task.true_edges`` and
+    ``task.true_edge_count`` load the task on first use (``init_task``), as in
+    AutoCircuit, but for this ``Task`` object only: there is no global model cache, so
+    two tasks never share or re-wrap a model. ``load_task(task, device)`` builds a fresh
+    ``LoadedTask`` each time.
     """
 
     key: str
     name: str
-    model_def: ModelDef
-    dataset_name: str
     batch_size: int | tuple[int, int]
     batch_count: int | tuple[int, int]
     token_circuit: bool
-    true_edge_func: TrueEdgeFunc | None = None
+    _model_def: ModelDef
+    _dataset_name: str
     factorized: bool = True
     separate_qkv: bool | None = True
+    _true_edge_func: TrueEdgeFunc | None = None
     slice_output: Literal["last_seq", "not_first_seq"] | None = "last_seq"
+    autoencoder_input: str | None = None
+    autoencoder_max_latents: int | None = None
+    autoencoder_pythia_size: str | None = None
+    autoencoder_prune_with_corrupt: bool | None = None
+    dtype: t.dtype = t.float32
     tail_divergence: bool = False
     prepend_bos: bool = True
     load_kwargs: dict[str, Any] = field(default_factory=dict)
     metric_key: str = "Logit Diff Percent"
     ablation_type: AblationType = AblationType.RESAMPLE
+    _loaded: dict[str, LoadedTask] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
+
+    def __init__(
+        self,
+        key: str,
+        name: str,
+        batch_size: int | tuple[int, int],
+        batch_count: int | tuple[int, int],
+        token_circuit: bool,
+        _model_def: ModelDef | None = None,
+        _dataset_name: str | None = None,
+        factorized: bool = True,
+        separate_qkv: bool | None = True,
+        _true_edge_func: TrueEdgeFunc | None = None,
+        slice_output: Literal["last_seq", "not_first_seq"] | None = "last_seq",
+        autoencoder_input: str | None = None,
+        autoencoder_max_latents: int | None = None,
+        autoencoder_pythia_size: str | None = None,
+        autoencoder_prune_with_corrupt: bool | None = None,
+        dtype: t.dtype = t.float32,
+        __init_complete__: bool = False,
+        *,
+        model_def: ModelDef | None = None,
+        dataset_name: str | None = None,
+        true_edge_func: TrueEdgeFunc | None = None,
+        tail_divergence: bool = False,
+        prepend_bos: bool = True,
+        load_kwargs: dict[str, Any] | None = None,
+        metric_key: str = "Logit Diff Percent",
+        ablation_type: AblationType = AblationType.RESAMPLE,
+    ):
+        values = {
+            "key": key,
+            "name": name,
+            "batch_size": batch_size,
+            "batch_count": batch_count,
+            "token_circuit": token_circuit,
+            "_model_def": _either("model_def", _model_def, model_def, key),
+            "_dataset_name": _either("dataset_name", _dataset_name, dataset_name, key),
+            "factorized": factorized,
+            "separate_qkv": separate_qkv,
+            "_true_edge_func": _either(
+                "true_edge_func", _true_edge_func, true_edge_func, key, required=False
+            ),
+            "slice_output": slice_output,
+            "autoencoder_input": autoencoder_input,
+            "autoencoder_max_latents": autoencoder_max_latents,
+            "autoencoder_pythia_size": autoencoder_pythia_size,
+            "autoencoder_prune_with_corrupt": autoencoder_prune_with_corrupt,
+            "dtype": dtype,
+            "tail_divergence": tail_divergence,
+            "prepend_bos": prepend_bos,
+            "load_kwargs": dict(load_kwargs or {}),
+            "metric_key": metric_key,
+            "ablation_type": ablation_type,
+            "_loaded": {},
+        }
+        for name_, value in values.items():
+            object.__setattr__(self, name_, value)
+
+    @property
+    def model_def(self) -> ModelDef:
+        return self._model_def
+
+    @property
+    def dataset_name(self) -> str:
+        return self._dataset_name
+
+    @property
+    def true_edge_func(self) -> TrueEdgeFunc | None:
+        return self._true_edge_func
+
+    @property
+    def uses_autoencoder(self) -> bool:
+        return any(getattr(self, name) is not None for name in _AUTOENCODER_FIELDS)
 
     def dataset_path(self) -> Path:
         name = (
@@ -73,6 +178,48 @@ class Task:
         if not path.exists():
             raise CircuitError(f"Task {self.key!r}: no dataset {self.dataset_name!r} ({path}).")
         return path
+
+    # ---- AutoCircuit's lazy task ------------------------------------------------------
+
+    def init_task(self, device: t.device | str | None = None) -> LoadedTask:
+        """Load the task (once per ``Task`` object), on ``device`` (default: CUDA if
+        available, else the CPU)."""
+        if "task" not in self._loaded:
+            if device is None:
+                device = "cuda" if t.cuda.is_available() else "cpu"
+            self._loaded["task"] = load_task(self, device)
+        return self._loaded["task"]
+
+    @property
+    def model(self) -> PatchableModel:
+        return self.init_task().model
+
+    @property
+    def train_loader(self) -> PromptDataLoader:
+        return self.init_task().train_loader
+
+    @property
+    def test_loader(self) -> PromptDataLoader:
+        return self.init_task().test_loader
+
+    @property
+    def true_edges(self) -> set[Edge] | None:
+        return self.init_task().true_edges
+
+    @property
+    def true_edge_count(self) -> int | None:
+        edges = self.true_edges
+        return None if edges is None else len(edges)
+
+
+def _either(name: str, underscored: Any, plain: Any, key: str, required: bool = True) -> Any:
+    """AutoCircuit's ``_name`` or our ``name`` for the same Task field: one of them."""
+    if underscored is not None and plain is not None:
+        raise CircuitError(f"Task {key!r}: give _{name} or {name}, not both.")
+    value = underscored if underscored is not None else plain
+    if value is None and required:
+        raise CircuitError(f"Task {key!r}: _{name} (or {name}) is required.")
+    return value
 
 
 @dataclass(frozen=True)
@@ -92,11 +239,17 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
 
 def load_task(task: Task, device: t.device | str = "cpu") -> LoadedTask:
     """Build the task's model, dataloaders and official circuit."""
+    if task.uses_autoencoder:
+        raise CircuitError(
+            f"Task {task.key!r} uses a sparse autoencoder (autoencoder_* fields); "
+            "sparse-autoencoder tasks are not supported yet. Remove those fields to "
+            "find the circuit of the model itself."
+        )
     device = t.device(device)
     if isinstance(task.model_def, str):
         from auto_circuit.app.experiment_utils import load_tl_model
 
-        raw = load_tl_model(task.model_def, device)
+        raw = load_tl_model(task.model_def, device, dtype=task.dtype)
     else:
         raw = task.model_def(device)
     batch_sizes, batch_counts = _pair(task.batch_size), _pair(task.batch_count)

@@ -14,7 +14,7 @@ import torch as t
 from torch import Tensor
 
 from auto_circuit.engine.fast import FastEngine
-from auto_circuit.engine.patchable_model import PATCHABLE_FLAG, PatchableModel
+from auto_circuit.engine.patchable_model import PatchableModel
 from auto_circuit.engine.reference import ReferenceEngine
 from auto_circuit.engine.settings import fast_paths_default
 from auto_circuit.families.registry import family_for
@@ -53,7 +53,10 @@ def patchable_model(
 
     Args:
         model: a supported model (see ``auto_circuit.families.registry``). Hooks are
-            added to it in place; its weights and outputs are unchanged.
+            added to it in place; its weights and outputs are unchanged, and
+            ``PatchableModel.remove()`` takes them off. A model may be wrapped several
+            times (each wrapper patches only inside its own contexts); a
+            ``PatchableModel`` given here has its underlying model wrapped anew.
         factorized: True for the edge-level graph (every earlier source feeds every later
             destination); False for the node-level graph over residual checkpoints.
         slice_output: the part of the output a task looks at: ``"last_seq"`` (the last
@@ -68,13 +71,8 @@ def patchable_model(
             None: ``AUTO_CIRCUIT_FAST_PATHS`` in the environment, default on. Both give
             the same results (``auto_circuit.engine.settings``).
     """
-    if isinstance(model, PatchableModel):
-        raise CircuitError("This model is already a PatchableModel; use it directly.")
-    if getattr(model, PATCHABLE_FLAG, False):
-        raise CircuitError(
-            "patchable_model was already called on this model (its hooks are installed). "
-            "Use the PatchableModel it returned, or build a fresh model."
-        )
+    if isinstance(model, PatchableModel):  # wrap its model anew, with these settings
+        model = model.wrapped_model
     if seq_len is not None and (not isinstance(seq_len, int) or seq_len <= 0):
         raise CircuitError(f"seq_len must be a positive int or None, got {seq_len!r}.")
     out_slice: tuple[slice | int, ...]
@@ -97,7 +95,6 @@ def patchable_model(
         fast_paths = fast_paths_default()
     engine_type = FastEngine if fast_paths else ReferenceEngine
     engine = engine_type(model, graph, seq_len, mask_device, dtype)
-    setattr(model, PATCHABLE_FLAG, True)
     return PatchableModel(model, graph, engine, factorized, seq_len, out_slice, kv_caches)
 
 

@@ -18,9 +18,6 @@ from auto_circuit.vocabulary.errors import CircuitError
 from auto_circuit.vocabulary.misc import did_you_mean
 from auto_circuit.vocabulary.types import DestNode, Edge, Node, PruneScores, SrcNode
 
-PATCHABLE_FLAG = "_auto_circuit_patchable"
-"""Set on a model while a ``PatchableModel`` wraps it (its hooks are installed)."""
-
 
 class PatchableModel(t.nn.Module):
     """A model that can be ablated along individual edges in its computation graph.
@@ -340,8 +337,6 @@ class PatchableModel(t.nn.Module):
         longer runs afterwards; calling it twice is harmless."""
         if not self.removed:
             self.engine.remove()
-            if PATCHABLE_FLAG in vars(self.wrapped_model):
-                delattr(self.wrapped_model, PATCHABLE_FLAG)
             self.removed = True
         return self.wrapped_model
 

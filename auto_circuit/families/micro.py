@@ -167,9 +167,10 @@ class MicroModelFamily:
         return isinstance(model, MicroModel)
 
     def build(self, model: t.nn.Module, factorized: bool, separate_qkv: bool | None) -> FamilyGraph:
-        assert isinstance(model, MicroModel)
-        if separate_qkv is not None:
-            raise CircuitError("separate_qkv is only meaningful for transformers; pass None.")
+        """``separate_qkv`` has no meaning here (no attention) and is ignored, as in
+        AutoCircuit."""
+        if not isinstance(model, MicroModel):
+            raise CircuitError(f"The micro family builds MicroModels, not {type(model)}.")
         if factorized:
             srcs, dests = factorized_src_nodes(model), factorized_dest_nodes(model)
         else:

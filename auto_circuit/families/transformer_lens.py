@@ -620,14 +620,27 @@ def _qkv_interceptors(model, factorized: bool, separate_qkv: bool) -> tuple[Inte
                     outs.append(getattr(self, f"hook_{letter.lower()}")(value))
                 return tuple(outs)
 
+            # Another wrapper of the same model may sit above or below this one; each
+            # link says what it wraps and whether its wrapper was removed, so removal in
+            # any order leaves only live wrappers' methods on the module.
+            link = {"earlier": earlier, "removed": False}
+            calculate_qkv_matrices.auto_circuit_link = link  # type: ignore[attr-defined]
             bound = MethodType(calculate_qkv_matrices, attn)
             attn.calculate_qkv_matrices = bound
 
             def uninstall() -> None:
-                if attn.__dict__.get("calculate_qkv_matrices") is bound:
-                    del attn.calculate_qkv_matrices
-                    if earlier is not None:
-                        attn.calculate_qkv_matrices = earlier
+                link["removed"] = True
+                if attn.__dict__.get("calculate_qkv_matrices") is not bound:
+                    return  # a later wrapper is on top; it skips this link when removed
+                del attn.calculate_qkv_matrices
+                restore = earlier
+                while restore is not None:
+                    below = getattr(restore.__func__, "auto_circuit_link", None)
+                    if below is None or not below["removed"]:
+                        break
+                    restore = below["earlier"]
+                if restore is not None:
+                    attn.calculate_qkv_matrices = restore
 
             return uninstall
 
