@@ -93,13 +93,16 @@ class _AliasLoader(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if fullname in NAMESPACES:
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         new = resolve(fullname)
-        if new is None or importlib.util.find_spec(new) is None:
+        target = importlib.util.find_spec(new) if new is not None else None
+        if target is None:
             return None
-        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        is_package = target.submodule_search_locations is not None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=is_package)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         module = types.ModuleType(spec.name)
-        module.__path__ = []  # type: ignore[attr-defined]  # children resolve here too
+        if spec.submodule_search_locations is not None:
+            module.__path__ = []  # type: ignore[attr-defined]  # children resolve here too
         return module
 
     def exec_module(self, module: types.ModuleType) -> None:
@@ -111,6 +114,21 @@ class _AliasLoader(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         # The import system returns what sys.modules holds after exec_module: the
         # module under its new name.
         sys.modules[module.__name__] = importlib.import_module(new)
+
+    def get_code(self, fullname: str) -> types.CodeType | None:
+        """The moved module's code, so ``python -m OLD.PATH`` runs it."""
+        new = resolve(fullname)
+        spec = importlib.util.find_spec(new) if new is not None else None
+        loader = spec.loader if spec is not None else None
+        get_code = getattr(loader, "get_code", None)
+        return get_code(new) if get_code is not None else None
+
+    def is_package(self, fullname: str) -> bool:
+        new = resolve(fullname)
+        spec = importlib.util.find_spec(new) if new is not None else None
+        return fullname in NAMESPACES or (
+            spec is not None and spec.submodule_search_locations is not None
+        )
 
 
 def install() -> None:

@@ -214,3 +214,17 @@ def test_no_module_imports_from_a_later_stage():
                     if order.index(bits[1]) > order.index(parts[0]):
                         bad.append(f"{path.relative_to(root)} imports {name}")
     assert bad == []
+
+
+def test_old_module_paths_run_with_python_m():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "auto_circuit.cli", "tasks"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Tracr Reverse" in out.stdout
