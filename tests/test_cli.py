@@ -31,14 +31,18 @@ def test_lists(tmp_path):
 
 def test_discover_evaluate_export(tmp_path):
     run = cli(
-        "discover", TASK, "--algorithm", "Logit Diff Gradients", "--out", "s.pt", cwd=tmp_path
-    )
+        "discover", TASK, "--algorithm", "Logit Diff Gradients", "--out", "s.safetensors",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    saved = t.load(tmp_path / "s.pt", weights_only=False)
-    assert saved["algorithm"] == "Logit Diff Gradients"
-    assert sum(v.numel() for v in saved["scores"].values()) == 462  # 77 edges x 6 positions
+    from auto_circuit.engine.score_files import load_prune_scores
 
-    run = cli("evaluate", TASK, "--scores", "s.pt", "--out", "e.json", cwd=tmp_path)
+    saved = load_prune_scores(tmp_path / "s.safetensors")
+    assert saved.algorithm == "Logit Diff Gradients" and saved.task == TASK
+    assert saved.metadata["graph"]["seq_len"] == 6
+    assert sum(v.numel() for v in saved.scores.values()) == 462  # 77 edges x 6 positions
+
+    run = cli("evaluate", TASK, "--scores", "s.safetensors", "--out", "e.json", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "e.json").read_text())
     sizes = [x for x, _ in result["faithfulness"]]
@@ -48,7 +52,10 @@ def test_discover_evaluate_export(tmp_path):
     assert result["faithfulness"][-1][1] == pytest.approx(0.0, abs=1e-6)
     assert result["roc_auc"] == pytest.approx(1.0)
 
-    run = cli("export", TASK, "--scores", "s.pt", "--edges", "10", "--out", "c.json", cwd=tmp_path)
+    run = cli(
+        "export", TASK, "--scores", "s.safetensors", "--edges", "10", "--out", "c.json",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     circuit = json.loads((tmp_path / "c.json").read_text())
     assert sum(e["in_graph"] for e in circuit["edges"].values()) >= 2
@@ -77,8 +84,13 @@ def test_report_writes_one_html_file(tmp_path):
     [
         (["discover", "Nope"], "No task 'Nope'"),
         (["discover", TASK, "--algorithm", "ACDc"], "Did you mean 'ACDC'"),
-        (["evaluate", TASK, "--scores", "missing.pt"], "No scores file missing.pt"),
-        (["evaluate", TASK, "--scores", "s.pt", "--ablation", "SOMETIMES"], "Unknown ablation"),
+        (["evaluate", TASK, "--scores", "missing.pt"], "missing.pt does not exist"),
+        (["evaluate", TASK, "--scores", "s.pt"], "s.pt is a pickle .torch.save. file"),
+        (["evaluate", TASK, "--scores", "cut.safetensors"], "cut.safetensors is truncated"),
+        (["evaluate", TASK, "--scores", "."], "is a directory"),
+        (["export", TASK, "--scores", "other.safetensors"], "holds scores of task 'Micro Model'"),
+        (["discover", TASK, "--out", "."], "is a directory; give a file name"),
+        (["evaluate", TASK, "--scores", "ok.safetensors", "--ablation", "NO"], "Unknown ablation"),
         (["report", TASK, "--metric", "Logit Dif"], "Did you mean 'Logit Diff'"),
     ],
 )
@@ -86,11 +98,40 @@ def test_bad_arguments_exit_2_without_traceback(tmp_path, monkeypatch, args, mes
     from typer.testing import CliRunner
 
     from auto_circuit.app.cli import app
+    from auto_circuit.app.tasks import task_by_key
+    from auto_circuit.engine.score_files import save_prune_scores
 
     monkeypatch.chdir(tmp_path)
     t.save({"scores": {}}, tmp_path / "s.pt")
+    micro = task_by_key("Micro Model").init_task("cpu").model
+    save_prune_scores("other.safetensors", micro, micro.new_prune_scores(), task="Micro Model")
+    tracr = task_by_key(TASK).init_task("cpu").model
+    save_prune_scores("ok.safetensors", tracr, tracr.new_prune_scores(), task=TASK)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:50])
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
     assert re.search(message, result.output), result.output
+
+
+def test_a_pickled_scores_file_never_runs(tmp_path):
+    """A scores file whose unpickling would run code: refused, and the code did not run."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"scores": Payload()}))
+    for command in ("evaluate", "export"):
+        run = cli(command, TASK, "--scores", "evil.pt", cwd=tmp_path)
+        assert run.returncode == 2 and "never unpickles" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+    assert not marker.exists()
+    # The conversion reads with weights_only=True, which refuses the payload too.
+    run = cli("convert-scores", TASK, "evil.pt", "--out", "new.safetensors", cwd=tmp_path)
+    assert run.returncode == 2 and "cannot be read safely" in run.stderr, run.stderr
+    assert not marker.exists() and not (tmp_path / "new.safetensors").exists()

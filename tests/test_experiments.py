@@ -105,3 +105,34 @@ def test_predefined_tasks_name_existing_datasets_and_circuits():
             assert callable(task.true_edge_func)
     keys = [task.key for task in TASKS]
     assert len(keys) == len(set(keys))
+
+
+def test_a_corrupt_cell_is_reported_and_recomputed(tmp_path):
+    store = ResultStore(tmp_path)
+    config = {"task": "t", "what": "measurements"}
+    store.put(config, [(0, 1.0), (5, 2.5)])
+    assert store.get(config) == [(0, 1.0), (5, 2.5)]
+    path = store.path(config_key(config))
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [(0, 3.0)]
+
+    with pytest.warns(UserWarning, match=f"{path.name} is unusable.*truncated"):
+        assert store.cached(config, compute) == [(0, 3.0)]
+    assert calls == [1] and store.get(config) == [(0, 3.0)]
+    # A pickle put where a cell belongs is never unpickled.
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.warns(UserWarning, match="never unpickles"):
+        assert store.get(config) is None
+    assert not marker.exists()

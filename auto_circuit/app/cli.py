@@ -34,8 +34,10 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (CircuitError, FileNotFoundError, KeyError) as err:
+        except (CircuitError, OSError, KeyError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            if isinstance(err, OSError) and err.filename is not None:
+                message = f"{err.filename}: {err.strerror or err}"
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(code=2) from None
 
@@ -69,15 +71,26 @@ def _ablation(name: str):
         raise CircuitError(f"Unknown ablation {name!r}. Known: {known}.") from None
 
 
-def _read_scores(path: Path) -> dict[str, Any]:
-    import torch as t
+def _read_scores(path: Path, task: str):
+    """The scores in ``path`` (read first, so a bad file fails before any model loads),
+    refused unless saved for ``task``. ``_fit_scores`` then checks the model's graph."""
+    from auto_circuit.engine.score_files import load_prune_scores
 
-    if not path.exists():
-        raise CircuitError(f"No scores file {path}. Make one with `auto-circuit discover`.")
-    saved = t.load(path, weights_only=False)
-    if not isinstance(saved, dict) or "scores" not in saved:
-        raise CircuitError(f"{path} is not a scores file written by `auto-circuit discover`.")
+    saved = load_prune_scores(path)
+    if saved.task is not None and saved.task != task:
+        raise CircuitError(
+            f"{path} holds scores of task {saved.task!r}, not {task!r}. Use that task, or "
+            f"run `auto-circuit discover {task!r}` to score this one."
+        )
     return saved
+
+
+def _fit_scores(path: Path, saved: Any, model: Any) -> dict[str, Any]:
+    """The saved scores on the model's device, refused unless made for its graph."""
+    from auto_circuit.engine.score_files import check_file_fits
+
+    check_file_fits(path, saved, model)
+    return {name: value.to(model.device) for name, value in saved.scores.items()}
 
 
 @app.command("models")
@@ -119,26 +132,31 @@ def list_algorithms() -> None:
 def discover(
     task: Annotated[str, typer.Argument(help="Task key (see `auto-circuit tasks`).")],
     algorithm: Annotated[str, typer.Option(help="Algorithm key.")] = "Logit Diff Gradients",
-    out: Annotated[Path, typer.Option(help="Where to save the scores (.pt).")] = Path("scores.pt"),
+    out: Annotated[Path, typer.Option(help="Where to save the scores (.safetensors).")] = Path(
+        "scores.safetensors"
+    ),
     device: str = "cpu",
 ) -> None:
     """Score every edge of a task's model with one algorithm and save the scores."""
-    import torch as t
+    from auto_circuit.engine.score_files import save_prune_scores
 
     (algo,) = _algos(algorithm)
+    if out.is_dir():
+        raise CircuitError(f"--out {out} is a directory; give a file name.")
     loaded = _load(task, device)
     _say(f"running {algo.name} on {loaded.model.n_edges} edges")
     start = time.perf_counter()
     scores = algo(loaded.model, loaded.train_loader, loaded.true_edges)
     seconds = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "task": task,
-        "algorithm": algo.key,
-        "seconds": seconds,
-        "scores": {k: v.detach().cpu() for k, v in scores.items()},
-    }
-    t.save(payload, out)
+    save_prune_scores(
+        out,
+        loaded.model,
+        scores,
+        algorithm=algo.key,
+        algorithm_args=algo.kwargs,
+        task=task,
+        extra={"seconds": seconds},
+    )
     typer.echo(f"saved scores of {loaded.model.n_edges} edges to {out} ({seconds:.2f} s)")
 
 
@@ -156,16 +174,17 @@ def evaluate(
 ) -> None:
     """Faithfulness curve (tree patching) and ROC AUC against the official circuit."""
     from auto_circuit.algorithms.prune import run_circuits
+    from auto_circuit.app.tasks import task_by_key
     from auto_circuit.engine.graph_utils import edge_counts_util
     from auto_circuit.evaluation.official_circuits.measure_roc import measure_roc, roc_auc
     from auto_circuit.evaluation.prune_metrics.prune_metrics import prune_metric
     from auto_circuit.vocabulary.types import PatchType
 
-    saved = _read_scores(scores)
+    chosen_metric = prune_metric(metric or task_by_key(task).metric_key)
+    ablation_type = _ablation(ablation) if ablation else task_by_key(task).ablation_type
+    saved = _read_scores(scores, task)
     loaded = _load(task, device)
-    chosen_metric = prune_metric(metric or loaded.task.metric_key)
-    ablation_type = _ablation(ablation) if ablation else loaded.task.ablation_type
-    model, prune_scores = loaded.model, saved["scores"]
+    model, prune_scores = loaded.model, _fit_scores(scores, saved, loaded.model)
     true_size = len(loaded.true_edges) if loaded.true_edges else None
     counts = edge_counts_util(model.n_edges, None, prune_scores, true_edge_count=true_size)
     outs = run_circuits(
@@ -174,7 +193,7 @@ def evaluate(
     curve = chosen_metric.metric_func(model, loaded.test_loader, outs)
     result: dict[str, Any] = {
         "task": task,
-        "algorithm": saved.get("algorithm"),
+        "algorithm": saved.algorithm,
         "metric": chosen_metric.key,
         "ablation": ablation_type.name,
         "faithfulness": [[int(x), float(y)] for x, y in curve],
@@ -232,13 +251,31 @@ def export(
     """Export a circuit in the MIB circuit format (JSON)."""
     from auto_circuit.app.export import mib_circuit
 
-    saved = _read_scores(scores)
+    saved = _read_scores(scores, task)
     loaded = _load(task, device)
-    circuit = mib_circuit(loaded.model, saved["scores"], edges)
+    circuit = mib_circuit(loaded.model, _fit_scores(scores, saved, loaded.model), edges)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(circuit))
     kept = sum(e["in_graph"] for e in circuit["edges"].values())
     typer.echo(f"wrote {out}: {kept} of {len(circuit['edges'])} edges in the circuit")
+
+
+@app.command("convert-scores")
+@_friendly
+def convert_scores(
+    task: Annotated[str, typer.Argument(help="Task key the scores were made for.")],
+    legacy: Annotated[Path, typer.Argument(help="A .pt scores file of an older version.")],
+    out: Annotated[Path, typer.Option(help="Where to write the safe file.")] = Path(
+        "scores.safetensors"
+    ),
+    device: str = "cpu",
+) -> None:
+    """Convert an older .pt scores file (read without running code) to .safetensors."""
+    from auto_circuit.engine.score_files import convert_legacy_scores
+
+    loaded = _load(task, device)
+    convert_legacy_scores(legacy, out, loaded.model, task)
+    typer.echo(f"wrote {out}")
 
 
 def main() -> None:  # pragma: no cover - console entry

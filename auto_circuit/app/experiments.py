@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from auto_circuit.algorithms.registry import PruneAlgo
 from auto_circuit.app.tasks import LoadedTask, Task, load_task
 from auto_circuit.engine.graph_utils import edge_counts_util
 from auto_circuit.evaluation.prune_metrics.prune_metrics import PruneMetric
+from auto_circuit.vocabulary.errors import CircuitError
+from auto_circuit.vocabulary.safe_files import read_safe, write_safe
 from auto_circuit.vocabulary.types import (
     AblationType,
     Measurements,
@@ -69,30 +70,42 @@ def config_key(config: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class ResultStore:
-    """A folder of results, one file per configuration hash, written atomically."""
+    """A folder of results, one safe file per configuration hash, written atomically.
+
+    A cell holds prune scores (tensors) or measurements (JSON), with the configuration
+    that produced it; nothing is unpickled. A cell that cannot be read (truncated,
+    tampered, or made for another configuration) is reported with its path, removed
+    and recomputed."""
 
     root: Path
 
     def path(self, key: str) -> Path:
-        return Path(self.root) / key[:2] / f"{key}.pt"
+        return Path(self.root) / key[:2] / f"{key}.safetensors"
 
     def get(self, config: dict[str, Any]) -> Any | None:
         path = self.path(config_key(config))
         if not path.exists():
             return None
-        return t.load(path, weights_only=False)["value"]
+        try:
+            tensors, meta = read_safe(path)
+            if meta.get("config") != json.loads(json.dumps(config)):
+                raise CircuitError(f"{path} was written for another configuration.")
+        except CircuitError as err:
+            warnings.warn(
+                f"Result store cell {path} is unusable ({err}); recomputing it.", stacklevel=2
+            )
+            path.unlink(missing_ok=True)
+            return None
+        if meta.get("kind") == "tensors":
+            return tensors
+        return _from_json(meta.get("value"))
 
     def put(self, config: dict[str, Any], value: Any) -> None:
         path = self.path(config_key(config))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                t.save({"config": config, "value": value}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if isinstance(value, dict) and all(isinstance(v, t.Tensor) for v in value.values()):
+            write_safe(path, value, {"config": config, "kind": "tensors"})
+        else:
+            write_safe(path, {}, {"config": config, "kind": "json", "value": _to_json(value)})
 
     def cached(self, config: dict[str, Any], compute: Callable[[], Any]) -> Any:
         """The stored value for ``config``, computing and storing it if absent."""
@@ -101,6 +114,28 @@ class ResultStore:
             value = compute()
             self.put(config, value)
         return value
+
+
+def _to_json(value: Any) -> Any:
+    """Measurements (lists of (edge count, value) pairs, possibly nested in dicts)."""
+    if isinstance(value, dict):
+        return {"dict": {str(k): _to_json(v) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return {"list": [_to_json(v) for v in value], "tuple": isinstance(value, tuple)}
+    if isinstance(value, t.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    raise CircuitError(f"ResultStore can only store scores and measurements, not {type(value)}.")
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict) and "dict" in value:
+        return {k: _from_json(v) for k, v in value["dict"].items()}
+    if isinstance(value, dict) and "list" in value:
+        items = [_from_json(v) for v in value["list"]]
+        return tuple(items) if value.get("tuple") else items
+    return value
 
 
 SweepResults = dict[str, dict[str, dict[str, dict[str, Measurements]]]]
