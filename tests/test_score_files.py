@@ -68,8 +68,12 @@ def test_bad_scores_are_not_saved(tmp_path):
     scores = _scores(pm)
     name = next(iter(scores))
     scores[name][..., 0] = float("nan")
-    with pytest.raises(CircuitError, match="NaN or infinite"):
+    with pytest.raises(CircuitError, match="holds NaN values"):
         save_prune_scores(tmp_path / "s.safetensors", pm, scores)
+    scores[name][..., 0] = float("inf")  # ACDC's "kept at every threshold"
+    save_prune_scores(tmp_path / "inf.safetensors", pm, scores)
+    assert load_prune_scores(tmp_path / "inf.safetensors", pm).scores[name][..., 0].isinf().all()
+    (tmp_path / "inf.safetensors").unlink()
     with pytest.raises(CircuitError, match="missing masks"):
         save_prune_scores(tmp_path / "s.safetensors", pm, {})
     assert not list(tmp_path.iterdir()), "nothing written"
