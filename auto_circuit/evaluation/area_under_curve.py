@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
+from typing import Any
 
 from auto_circuit.vocabulary.errors import CircuitError
 
@@ -124,3 +125,62 @@ def average_auc(
         for algo, ratio in ratios.items():
             by_algo.setdefault(algo, []).append(ratio)
     return {algo: sum(values) / len(values) for algo, values in by_algo.items()}
+
+
+def algo_measurements_auc(
+    algo_measurements: Mapping[str, Points],
+    log_x: bool,
+    log_y: bool,
+    y_min: float | None = None,
+) -> dict[str, float]:
+    """``{algo: measurements_auc(points)}`` for every algorithm with more than one point
+    (a single point, e.g. an official circuit's size, has no area)."""
+    return {
+        algo: measurements_auc(points, log_x, log_y, y_min)
+        for algo, points in algo_measurements.items()
+        if len(points) > 1
+    }
+
+
+def task_measurements_auc(
+    task_measurements: Mapping[str, Mapping[str, Points]],
+    log_x: bool,
+    log_y: bool,
+    y_min: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{task: algo_measurements_auc(...)}``."""
+    return {
+        task: algo_measurements_auc(algo_measurements, log_x, log_y, y_min)
+        for task, algo_measurements in task_measurements.items()
+    }
+
+
+def metric_measurements_auc(
+    points: Mapping[str, Mapping[str, Mapping[str, Points]]],
+    log_x: bool,
+    log_y: bool,
+    y_min: float | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{metric: task_measurements_auc(...)}`` (every metric read with the same axes)."""
+    return {
+        metric: task_measurements_auc(task_measurements, log_x, log_y, y_min)
+        for metric, task_measurements in points.items()
+    }
+
+
+def average_auc_plot(
+    task_measurements: Mapping[str, Mapping[str, Points]],
+    log_x: bool = False,
+    log_y: bool = False,
+    y_min: float | None = None,
+    inverse: bool = False,
+) -> Any:
+    """AutoCircuit's ``average_auc_plot``: the figure of :func:`average_auc` (see
+    ``auto_circuit.figures.plots.average_auc_plot``). ``inverse=True`` (for metrics where
+    lower is better) plots ``2 - AUC / AUC(Random)``, so that better is longer in both.
+
+    Plotting is imported only when this is called: the metrics never need plotly.
+    """
+    from auto_circuit.figures.plots import average_auc_plot as plot
+
+    return plot(task_measurements, None, log_x, log_y, y_min, inverse=inverse)

@@ -73,12 +73,12 @@ def _check_nonempty(name: str, data: Mapping[str, Any]) -> None:
 
 
 def roc_plot(
-    task_algo_points: Mapping[str, Mapping[str, Points]], variable_width: bool = False
+    taskname_measurements: Mapping[str, Mapping[str, Points]], variable_width: bool = False
 ) -> go.Figure:
     """ROC curves, one facet per task, one line per algorithm.
 
     Args:
-        task_algo_points: ``{task: {algo: [(FPR, TPR)]}}`` (e.g. from
+        taskname_measurements: ``{task: {algo: [(FPR, TPR)]}}`` (e.g. from
             ``auto_circuit.evaluation.official_circuits.measure_roc.measure_roc``); rates
             in ``[0, 1]``.
         variable_width: Draw earlier algorithms with thicker lines, so curves that lie
@@ -88,9 +88,9 @@ def roc_plot(
         A figure whose traces are, per task, the chance diagonal then each algorithm's
         points sorted by (FPR, TPR); the hover text gives the AUC.
     """
-    _check_nonempty("task_algo_points", task_algo_points)
-    tasks = list(task_algo_points)
-    colors = _algo_colors(task_algo_points)
+    _check_nonempty("taskname_measurements", taskname_measurements)
+    tasks = list(taskname_measurements)
+    colors = _algo_colors(taskname_measurements)
     widths = {
         a: (2 + 2 * (len(colors) - 1 - i) if variable_width else 2) for i, a in enumerate(colors)
     }
@@ -114,7 +114,7 @@ def roc_plot(
             row=1,
             col=col,
         )
-        for algo, points in task_algo_points[task].items():
+        for algo, points in taskname_measurements[task].items():
             pts = sorted((float(x), float(y)) for x, y in points)
             if any(not (0 <= v <= 1) for p in pts for v in p):
                 raise CircuitError(
@@ -265,6 +265,7 @@ def average_auc_plot(
     y_min: float | None = None,
     eps: float = 1e-3,
     baseline_algo: str = "Random",
+    inverse: bool = False,
 ) -> go.Figure:
     """Horizontal bars: each algorithm's area under the curve divided by the baseline's
     (Random) on the same task, averaged over tasks (``average_auc``).
@@ -276,6 +277,8 @@ def average_auc_plot(
             arguments override it.
         eps: The log-y resolution (see ``measurements_auc``).
         baseline_algo: The algorithm every area is divided by (a bar at 1).
+        inverse: Plot ``2 - ratio`` (AutoCircuit's option for metrics where lower is
+            better: a smaller area then gives a longer bar).
 
     Returns:
         One ``go.Bar`` (orientation ``"h"``) with ``x`` the ratios and ``y`` the
@@ -287,6 +290,8 @@ def average_auc_plot(
     if y_min is None and metric is not None:
         y_min = metric.y_min
     ratios = average_auc(task_algo_measurements, log_x, log_y, y_min, eps, baseline_algo)
+    if inverse:
+        ratios = {algo: 2.0 - ratio for algo, ratio in ratios.items()}
     algos = sorted(ratios, key=lambda a: (ratios[a], a))
     colors = _algo_colors(task_algo_measurements)
     go_module = require_plotly()

@@ -58,9 +58,16 @@ def answer_diff_results(
 
 def measure_answer_diff(
     model: PatchableModel,
-    dataloader: Any,
+    test_loader: Any,
     circuit_outs: CircuitOutputs,
     prob_func: ProbFunc = "logits",
 ) -> Measurements:
     """``[(circuit size, mean answer difference)]``; see :func:`answer_diff_results`."""
-    return to_measurements(answer_diff_results(model, dataloader, circuit_outs, prob_func))
+    return to_measurements(answer_diff_results(model, test_loader, circuit_outs, prob_func))
+
+
+def identity(*args: Any, **kwargs: Any) -> Any:
+    """The first positional argument, unchanged (AutoCircuit's ``prob_func`` for logits)."""
+    if not args:
+        raise TypeError("identity() needs one positional argument, the value to return.")
+    return args[0]

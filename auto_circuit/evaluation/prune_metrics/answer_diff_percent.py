@@ -69,7 +69,7 @@ def answer_diff_percent_results(
 
 def measure_answer_diff_percent(
     model: PatchableModel,
-    dataloader: Any,
+    test_loader: Any,
     circuit_outs: CircuitOutputs,
     prob_func: ProbFunc = "logits",
     diff_of_means: bool = True,
@@ -77,5 +77,24 @@ def measure_answer_diff_percent(
     """``[(circuit size, % of the model's answer difference)]``; see
     :func:`answer_diff_percent_results`."""
     return to_measurements(
-        answer_diff_percent_results(model, dataloader, circuit_outs, prob_func, diff_of_means)
+        answer_diff_percent_results(model, test_loader, circuit_outs, prob_func, diff_of_means)
     )
+
+
+def answer_diff_percent(
+    model: PatchableModel,
+    test_loader: Any,
+    circuit_outs: CircuitOutputs,
+    prob_func: ProbFunc = "logits",
+    diff_of_means: bool = True,
+) -> list[MetricResult]:
+    """AutoCircuit's name for :func:`answer_diff_percent_results`: per circuit size, the
+    aggregate percentage, its spread (``MetricResult.std``) and every prompt's value."""
+    return answer_diff_percent_results(model, test_loader, circuit_outs, prob_func, diff_of_means)
+
+
+def identity(*args: Any, **kwargs: Any) -> Any:
+    """The first positional argument, unchanged (AutoCircuit's ``prob_func`` for logits)."""
+    if not args:
+        raise TypeError("identity() needs one positional argument, the value to return.")
+    return args[0]

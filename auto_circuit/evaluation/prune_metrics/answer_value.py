@@ -52,12 +52,19 @@ def answer_value_results(
 
 def measure_answer_val(
     model: PatchableModel,
-    dataloader: Any,
+    test_loader: Any,
     circuit_outs: CircuitOutputs,
     prob_func: ProbFunc = "logits",
     wrong_answer: bool = False,
 ) -> Measurements:
     """``[(circuit size, mean answer value)]``; see :func:`answer_value_results`."""
     return to_measurements(
-        answer_value_results(model, dataloader, circuit_outs, prob_func, wrong_answer)
+        answer_value_results(model, test_loader, circuit_outs, prob_func, wrong_answer)
     )
+
+
+def identity(*args: Any, **kwargs: Any) -> Any:
+    """The first positional argument, unchanged (AutoCircuit's ``prob_func`` for logits)."""
+    if not args:
+        raise TypeError("identity() needs one positional argument, the value to return.")
+    return args[0]

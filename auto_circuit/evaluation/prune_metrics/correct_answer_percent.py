@@ -75,13 +75,26 @@ def correct_answer_percent_results(
 def measure_correct_ans_percent(
     model: PatchableModel,
     dataloader: Any,
-    circuit_outs: CircuitOutputs,
+    pruned_outs: CircuitOutputs | None = None,
     out_of_correct_and_incorrect_answers: bool = False,
+    *,
+    circuit_outs: CircuitOutputs | None = None,
 ) -> Measurements:
     """``[(circuit size, % of prompts answered correctly)]``; see
-    :func:`correct_answer_percent_results`."""
+    :func:`correct_answer_percent_results`.
+
+    ``pruned_outs`` is AutoCircuit's name for the circuit outputs; ``circuit_outs`` (the
+    name the other metrics use) is accepted too, but not both.
+    """
+    if (pruned_outs is None) == (circuit_outs is None):
+        raise TypeError(
+            "measure_correct_ans_percent: pass the circuit outputs once, as pruned_outs "
+            "(AutoCircuit's name) or circuit_outs."
+        )
+    outs = pruned_outs if pruned_outs is not None else circuit_outs
+    assert outs is not None
     return to_measurements(
         correct_answer_percent_results(
-            model, dataloader, circuit_outs, out_of_correct_and_incorrect_answers
+            model, dataloader, outs, out_of_correct_and_incorrect_answers
         )
     )

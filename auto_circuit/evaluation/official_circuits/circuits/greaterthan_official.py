@@ -61,6 +61,14 @@ def _before(src: Component, dest: Component) -> bool:
     )
 
 
+def idx_to_nodes(layer_idx: int, head_idx: int | None, src_nodes: bool) -> list[str]:
+    """The node names of component ``(layer_idx, head_idx)`` (``head_idx`` None: that
+    layer's MLP): its source node (``src_nodes``) or its destination nodes (a head's
+    Q, K and V inputs, an MLP's input), as AutoCircuit named them."""
+    component = (layer_idx, head_idx)
+    return [_src(component)] if src_nodes else _dests(component)
+
+
 def greaterthan_edge_names() -> set[str]:
     """The names of the circuit's edges in GPT-2 small's separate-Q/K/V graph."""
     names: set[str] = set()

@@ -72,6 +72,22 @@ class Connection:
     inputs: tuple[tuple[str | None, str], ...]
 
 
+@dataclass(frozen=True)
+class Conn:
+    """AutoCircuit's form of a :class:`Connection`: head class ``inp`` feeds ``out``
+    through ``qkv``, pairs of (``"q"``, ``"k"``, ``"v"`` or None for the output, the
+    ``word_idxs`` key of the token)."""
+
+    inp: str
+    out: str
+    qkv: tuple[tuple[str | None, str], ...]
+
+    def to_connection(self) -> Connection:
+        """The same connection in this module's form (input letters upper case)."""
+        inputs = tuple((None if x is None else x.upper(), word) for x, word in self.qkv)
+        return Connection(self.inp, self.out, inputs)
+
+
 CONNECTIONS: list[Connection] = [
     Connection(INPUT, "previous token", (("Q", "S1+1"), ("K", "S1"), ("V", "S1"))),
     Connection(INPUT, "duplicate token", (("Q", "S2"), ("K", "S1"), ("V", "S1"))),

@@ -99,3 +99,48 @@ def sports_players_true_edges(
         earlier = list(range(idxs["first_name_tok"], idxs["final_name_tok"]))
     positions = sports_players_edge_positions(model, earlier, "final_name_tok", "end")
     return circuit_edges(model, name, positions, token_positions, word_idxs or {}, seq_start_idx)
+
+
+def sports_players_probe_edge_positions(
+    model: PatchableModel, earlier_name_toks: list[Position], final_name_tok: Position
+) -> dict[str, set[Position]]:
+    """Edge name -> positions of the probe circuit: stage 1 as in
+    :func:`sports_players_edge_positions`, and the lookup MLP stack extended to the last
+    layer at the final name token; no extract stage."""
+    n_heads, n_layers = PYTHIA_2_8B.n_heads, PYTHIA_2_8B.n_layers
+    heads_01 = [f"A{layer}.{head}" for layer in range(2) for head in range(n_heads)]
+    positions: dict[str, set[Position]] = {}
+
+    def connect(nodes: list[str], where: list[Position]) -> None:
+        for src in nodes:
+            for dest in nodes:
+                if src != dest and dest != "Resid Start" and feeds(model, src, dest):
+                    positions.setdefault(f"{src}->{dest}", set()).update(where)
+
+    connect(["Resid Start", "MLP 0", *heads_01], earlier_name_toks)
+    connect(
+        ["Resid Start", *heads_01, *(f"MLP {layer}" for layer in range(n_layers))], [final_name_tok]
+    )
+    return positions
+
+
+def sports_players_probe_true_edges(
+    model: PatchableModel,
+    token_positions: bool = False,
+    word_idxs: Mapping[str, int] | None = None,
+    seq_start_idx: int = 0,
+) -> set[Edge]:
+    """The sports-players circuit without its extract stage, the lookup MLP stack
+    extended to the model's last layer: the edges a probe for the sport on the final
+    name token's residual stream reads (as in the Fact Finding posts' probing results).
+
+    Arguments and requirements as :func:`sports_players_true_edges`.
+    """
+    name = "sports_players_probe_true_edges"
+    check_model(model, name, PYTHIA_2_8B, separate_qkv=False)
+    earlier: list[Position] = []
+    if token_positions:
+        idxs = require_words(name, word_idxs or {}, WORDS)
+        earlier = list(range(idxs["first_name_tok"], idxs["final_name_tok"]))
+    positions = sports_players_probe_edge_positions(model, earlier, "final_name_tok")
+    return circuit_edges(model, name, positions, token_positions, word_idxs or {}, seq_start_idx)
