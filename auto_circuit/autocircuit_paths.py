@@ -26,6 +26,7 @@ ALIASES: dict[str, str] = {
     "auto_circuit.errors": "auto_circuit.vocabulary.errors",
     "auto_circuit.utils.misc": "auto_circuit.vocabulary.misc",
     "auto_circuit.utils.tensor_ops": "auto_circuit.vocabulary.tensor_ops",
+    "auto_circuit.utils.custom_tqdm": "auto_circuit.vocabulary.custom_tqdm",
     # families
     "auto_circuit.model_utils.families": "auto_circuit.families.registry",
     "auto_circuit.model_utils.micro_model_utils": "auto_circuit.families.micro",

@@ -17,7 +17,88 @@ from torch import Tensor
 from auto_circuit.engine.patchable_model import PatchableModel
 from auto_circuit.vocabulary.errors import CircuitError
 from auto_circuit.vocabulary.misc import module_by_name
-from auto_circuit.vocabulary.types import AblationType, BatchKey
+from auto_circuit.vocabulary.types import AblationType, BatchKey, SrcNode
+
+
+def _per_src(out: Tensor, src_nodes: list[SrcNode]) -> dict[SrcNode, Tensor]:
+    """Each source's share of a module output: the whole output, or its head's slice
+    along ``head_dim`` (the head axis removed)."""
+    if not src_nodes:
+        raise CircuitError("The hook was given no source nodes of its module.")
+    return {
+        s: out if s.head_dim is None else out.select(s.head_dim, s.head_idx)  # type: ignore[arg-type]
+        for s in src_nodes
+    }
+
+
+def src_out_hook(
+    module: t.nn.Module,
+    input: tuple[Tensor, ...],
+    out: Tensor,
+    src_nodes: list[SrcNode],
+    src_outs: dict[SrcNode, Tensor],
+    ablation_type: AblationType,
+) -> None:
+    """A forward hook (bind the last three arguments with ``functools.partial``) that
+    writes into ``src_outs`` the ablation value of each of ``src_nodes``, the sources
+    hosted by ``module``, for the batch being run.
+
+    RESAMPLE: the output itself; ZERO: zeros; BATCH_TOKENWISE_MEAN: the mean over the
+    batch (axis 0) at each position; BATCH_ALL_TOK_MEAN: the mean over batch and
+    positions (axes 0 and 1); each repeated to the output's shape. Dataset means need
+    ``mean_src_out_hook``. Values are detached, so recording under autograd keeps no
+    graph. ``src_ablations`` gives the same values stacked in ``src_idx`` order.
+
+    Register it on ``src.module(model)``. For TransformerLens heads that module is
+    ``attn.hook_result``, which runs only with ``model.cfg.use_attn_result = True`` (as
+    AutoCircuit's ``load_tl_model`` set); ``src_ablations`` needs no such flag.
+    """
+    if ablation_type.needs_dataloader:
+        raise CircuitError(f"{ablation_type} is a dataset mean: record it with mean_src_out_hook.")
+    out = out.detach()
+    if ablation_type == AblationType.RESAMPLE:
+        value = out
+    elif ablation_type == AblationType.ZERO:
+        value = t.zeros_like(out)
+    elif ablation_type == AblationType.BATCH_TOKENWISE_MEAN:
+        value = out.mean(dim=0, keepdim=True).expand_as(out).clone()
+    elif ablation_type == AblationType.BATCH_ALL_TOK_MEAN:
+        value = out.mean(dim=(0, 1), keepdim=True).expand_as(out).clone()
+    else:
+        raise CircuitError(f"Unknown ablation type {ablation_type!r}.")
+    src_outs.update(_per_src(value, src_nodes))
+
+
+def mean_src_out_hook(
+    module: t.nn.Module,
+    input: tuple[Tensor, ...],
+    out: Tensor,
+    src_nodes: list[SrcNode],
+    src_outs: dict[SrcNode, Tensor],
+    ablation_type: AblationType,
+) -> None:
+    """A forward hook for the TOKENWISE_MEAN_* ablations: adds to ``src_outs[src]`` the
+    mean over the batch at each position of each source's output, repeated to the batch
+    size. After ``n`` forwards (clean and/or corrupt batches, as ``ablation_type``
+    says), ``src_outs[src] / n`` is the dataset mean, exactly as in AutoCircuit when
+    every batch has the same size (a mean of batch means; ``src_ablations`` weights
+    prompts exactly for any batch sizes). A batch of another size is an error rather
+    than AutoCircuit's shape crash.
+    """
+    if not ablation_type.needs_dataloader:
+        raise CircuitError(f"{ablation_type} is not a dataset mean: record it with src_out_hook.")
+    mean = out.detach().mean(dim=0, keepdim=True).expand_as(out)
+    for s, value in _per_src(mean, src_nodes).items():
+        if s not in src_outs:
+            src_outs[s] = value.clone()
+        elif src_outs[s].shape != value.shape:
+            raise CircuitError(
+                f"mean_src_out_hook: {s} got outputs shaped {list(value.shape)} after "
+                f"{list(src_outs[s].shape)}; batches must have equal size and length "
+                "(or use src_ablations with the dataloader)."
+            )
+        else:
+            src_outs[s] += value
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from auto_circuit.vocabulary.errors import CircuitError
-from auto_circuit.vocabulary.types import MaskFn
+from auto_circuit.vocabulary.types import MaskFn, PatchWrapper
 
 
 @dataclass
@@ -41,7 +41,7 @@ class PatchState:
         self.probes.clear()
 
 
-class PatchWrapperImpl:
+class PatchWrapperImpl(PatchWrapper):
     """One site of the graph in the wrapped model: a block of sources, or a destination
     module with its mask. Holds the hook handles; does no work outside patch mode."""
 

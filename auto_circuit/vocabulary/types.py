@@ -16,6 +16,7 @@ Axis names used in shape annotations throughout the package:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
@@ -32,6 +33,28 @@ PruneScores = dict[str, Tensor]
 """Edge scores keyed by destination module name, each shaped like that module's mask.
 
 Larger absolute score = more important edge, for every algorithm."""
+
+
+class PatchWrapper(ABC):
+    """AutoCircuit's abstract base of the objects that patch one site of the graph.
+
+    The engine's ``PatchWrapperImpl`` (``auto_circuit.engine.patch_wrapper``) is the one
+    implementation, so ``isinstance(w, PatchWrapper)`` holds for every wrapper of a
+    ``PatchableModel``. AutoCircuit's base was an ``nn.Module`` that replaced the wrapped
+    module; ours hooks the unchanged module instead, so a wrapper is plain data about a
+    site: its ``module_name``, whether it ``is_src`` and/or ``is_dest``, and, for a
+    destination, its ``patch_mask``.
+    """
+
+    module_name: str
+    is_src: bool
+    is_dest: bool
+
+    @property
+    @abstractmethod
+    def patch_mask(self) -> t.nn.Parameter:
+        """The mask of a destination site (an error for a source-only site)."""
+
 
 BatchKey = int
 """A stable identifier of a batch of prompts (see ``PromptPairBatch.key``)."""
