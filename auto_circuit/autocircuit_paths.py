@@ -48,13 +48,17 @@ ALIASES: dict[str, str] = {
     "auto_circuit.metrics": "auto_circuit.evaluation",
     "auto_circuit.metrics.official_circuits.roc_plot": "auto_circuit.figures.plots",
     "auto_circuit.metrics.prune_metrics.prune_metrics_plot": "auto_circuit.figures.plots",
-    "auto_circuit.metrics.official_circuits.circuits.tracr.reverse_official": (
+    "auto_circuit.metrics.prune_metrics.measure_prune_metrics": (
+        "auto_circuit.app.measure_prune_metrics"
+    ),
+    "auto_circuit.metrics.avoid_edges": "auto_circuit.app.avoid_edges",
     "auto_circuit.metrics.completeness_metrics.same_under_knockouts": (
         "auto_circuit.app.completeness"
     ),
     "auto_circuit.metrics.completeness_metrics.train_same_under_knockouts": (
         "auto_circuit.app.completeness"
     ),
+    "auto_circuit.metrics.official_circuits.circuits.tracr.reverse_official": (
         "auto_circuit.evaluation.official_circuits.circuits.tracr_reverse_official"
     ),
     "auto_circuit.metrics.official_circuits.circuits.tracr.xproportion_official": (

@@ -147,14 +147,19 @@ def roc_plot(
 
 
 def task_roc_plot(
-    model: PatchableModel,
-    official_edges: Collection[Edge | str],
-    algo_prune_scores: Mapping[str, PruneScores],
+    model: PatchableModel | Mapping[str, Mapping[str, Points]] | None = None,
+    official_edges: Collection[Edge | str] | None = None,
+    algo_prune_scores: Mapping[str, PruneScores] | None = None,
     task_name: str = "Task",
     all_edges: bool = True,
     variable_width: bool = False,
+    *,
+    task_measurements: Mapping[str, Mapping[str, Points]] | None = None,
 ) -> go.Figure:
     """ROC curves of each algorithm's scores against one task's official circuit.
+
+    AutoCircuit's form ``task_roc_plot(task_measurements)`` (``{task: {algo: [(FPR,
+    TPR)]}}``, positionally or by name) draws those points: ``roc_plot`` of them.
 
     Args:
         model: The patchable model the scores belong to.
@@ -165,6 +170,19 @@ def task_roc_plot(
             only at ``measure_roc``'s default circuit sizes.
         variable_width: See ``roc_plot``.
     """
+    if isinstance(model, Mapping):
+        if task_measurements is not None:
+            raise TypeError("task_roc_plot: task_measurements given twice.")
+        task_measurements, model = model, None
+    if task_measurements is not None:
+        if model is not None or official_edges is not None or algo_prune_scores is not None:
+            raise TypeError(
+                "task_roc_plot: pass either task_measurements or model, official_edges and "
+                "algo_prune_scores, not both."
+            )
+        return roc_plot(task_measurements, variable_width=variable_width)
+    if model is None or official_edges is None:
+        raise TypeError("task_roc_plot needs model, official_edges and algo_prune_scores.")
     if not algo_prune_scores:
         raise CircuitError("algo_prune_scores is empty: pass at least one algorithm.")
     points = {
@@ -175,15 +193,32 @@ def task_roc_plot(
 
 
 def edge_patching_plot(
-    task_algo_measurements: Mapping[str, Mapping[str, Points]],
-    metric: PruneMetric | None = None,
+    task_algo_measurements: Mapping[str, Mapping[str, Points]]
+    | Sequence[Mapping[str, Any]]
+    | None = None,
+    metric: PruneMetric | Mapping[str, Mapping[str, Points]] | None = None,
     y_title: str | None = None,
     log_x: bool | None = None,
     log_y: bool | None = None,
     y_axes_match: bool | None = None,
     facet_cols: int = 3,
+    *,
+    data: Sequence[Mapping[str, Any]] | None = None,
+    task_measurements: Mapping[str, Mapping[str, Points]] | None = None,
+    ablation_type: Any = None,
+    metric_name: str | None = None,
+    y_max: float | None = None,
+    y_min: float | None = None,
+    token_circuit: bool | None = None,
 ) -> go.Figure:
     """A metric against circuit size: one facet per task, one line per algorithm.
+
+    AutoCircuit's form: ``data`` rows ``{"Task", "Algorithm", "X", "Y"}`` (the curves)
+    and ``task_measurements`` (``{task: {algo: points}}``, whose one-point algorithms,
+    e.g. the official circuit, are drawn as markers); ``metric_name`` titles the y axis,
+    ``ablation_type`` the figure, and ``y_min``/``y_max`` fix the y range. A list of rows
+    passed first is read as ``data`` (and a mapping second as ``task_measurements``).
+    ``token_circuit`` is accepted and unused.
 
     An algorithm with a single point (e.g. an official circuit's size) is drawn as an X
     marker. On a log axis, points at or below 0 cannot be drawn and are left out.
@@ -197,6 +232,78 @@ def edge_patching_plot(
         y_axes_match: Share the y axis across facets (default: the metric's).
         facet_cols: Facets per row.
     """
+    del token_circuit
+    if task_algo_measurements is not None and not isinstance(task_algo_measurements, Mapping):
+        if data is not None:
+            raise TypeError("edge_patching_plot: data given twice.")
+        data, task_algo_measurements = task_algo_measurements, None
+    if isinstance(metric, Mapping):
+        if task_measurements is not None:
+            raise TypeError("edge_patching_plot: task_measurements given twice.")
+        task_measurements, metric = metric, None
+    if data is not None or task_measurements is not None:
+        if task_algo_measurements is not None:
+            raise TypeError(
+                "edge_patching_plot: pass task_algo_measurements, or AutoCircuit's data and "
+                "task_measurements, not both."
+            )
+        task_algo_measurements = _from_rows(data or [], task_measurements or {})
+    if task_algo_measurements is None:
+        raise TypeError("edge_patching_plot needs task_algo_measurements (or data).")
+    plot_metric = metric if isinstance(metric, PruneMetric) else None
+    fig = _edge_patching_plot(
+        task_algo_measurements,
+        plot_metric,
+        y_title or metric_name,
+        log_x,
+        log_y,
+        y_axes_match,
+        facet_cols,
+    )
+    if y_min is not None or y_max is not None:
+        fig.update_yaxes(range=_y_range(y_min, y_max, _from_metric(log_y, plot_metric, "log_y")))
+    if ablation_type is not None:
+        fig.update_layout(title=f"{getattr(ablation_type, 'name', ablation_type)} ablation")
+    return fig
+
+
+def _from_rows(
+    data: Sequence[Mapping[str, Any]], task_measurements: Mapping[str, Mapping[str, Points]]
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """AutoCircuit's rows and one-point measurements as ``{task: {algo: points}}``."""
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for row in data:
+        missing = {"Task", "Algorithm", "X", "Y"} - set(row)
+        if missing:
+            raise CircuitError(f"edge_patching_plot: a data row lacks {sorted(missing)}: {row}.")
+        points = curves.setdefault(str(row["Task"]), {}).setdefault(str(row["Algorithm"]), [])
+        points.append((float(row["X"]), float(row["Y"])))
+    for task, algo_points in task_measurements.items():
+        for algo, points in algo_points.items():
+            if len(points) == 1:
+                ((x, y),) = points
+                curves.setdefault(task, {})[algo] = [(float(x), float(y))]
+    return curves
+
+
+def _y_range(y_min: float | None, y_max: float | None, log: bool) -> list[float | None]:
+    def axis(v: float | None) -> float | None:
+        if v is None or not log:
+            return v
+        return math.log10(v) if v > 0 else None
+
+    return [axis(y_min), axis(y_max)]
+
+
+def _edge_patching_plot(
+    task_algo_measurements: Mapping[str, Mapping[str, Points]],
+    metric: PruneMetric | None,
+    y_title: str | None,
+    log_x: bool | None,
+    log_y: bool | None,
+    y_axes_match: bool | None,
+    facet_cols: int,
+) -> go.Figure:
     _check_nonempty("task_algo_measurements", task_algo_measurements)
     if facet_cols < 1:
         raise CircuitError(f"facet_cols must be >= 1, got {facet_cols}.")
