@@ -52,6 +52,10 @@ ALIASES: dict[str, str] = {
         "auto_circuit.app.measure_prune_metrics"
     ),
     "auto_circuit.metrics.avoid_edges": "auto_circuit.app.avoid_edges",
+    # AutoCircuit modules that joined metrics to the task registry or to figures
+    "auto_circuit.metrics.area_under_curve": "auto_circuit.app.area_under_curve",
+    "auto_circuit.metrics.official_circuits.measure_roc": "auto_circuit.app.measure_roc",
+    "auto_circuit.metrics.prune_scores_similarity": "auto_circuit.app.prune_scores_similarity",
     "auto_circuit.metrics.completeness_metrics.same_under_knockouts": (
         "auto_circuit.app.completeness"
     ),

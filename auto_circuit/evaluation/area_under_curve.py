@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
-from typing import Any
 
 from auto_circuit.vocabulary.errors import CircuitError
 
@@ -166,21 +165,3 @@ def metric_measurements_auc(
         metric: task_measurements_auc(task_measurements, log_x, log_y, y_min)
         for metric, task_measurements in points.items()
     }
-
-
-def average_auc_plot(
-    task_measurements: Mapping[str, Mapping[str, Points]],
-    log_x: bool = False,
-    log_y: bool = False,
-    y_min: float | None = None,
-    inverse: bool = False,
-) -> Any:
-    """AutoCircuit's ``average_auc_plot``: the figure of :func:`average_auc` (see
-    ``auto_circuit.figures.plots.average_auc_plot``). ``inverse=True`` (for metrics where
-    lower is better) plots ``2 - AUC / AUC(Random)``, so that better is longer in both.
-
-    Plotting is imported only when this is called: the metrics never need plotly.
-    """
-    from auto_circuit.figures.plots import average_auc_plot as plot
-
-    return plot(task_measurements, None, log_x, log_y, y_min, inverse=inverse)

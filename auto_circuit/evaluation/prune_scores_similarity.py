@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch as t
 from torch import Tensor
@@ -79,50 +78,21 @@ def prune_score_similarities(
 def task_prune_scores_similarities(
     task_prune_scores: Mapping[str, Mapping[str, PruneScores]],
     edge_counts: Sequence[int],
-    true_edge_counts: bool = False,
+    true_edge_counts: Mapping[str, int] | None = None,
 ) -> dict[str, Similarities]:
     """``{task: prune_score_similarities(algos of the task, edge_counts)}``.
 
-    With ``true_edge_counts`` the tasks are keys of the task registry and each task's
-    official circuit size is compared first (AutoCircuit's option).
+    ``true_edge_counts`` (``{task: official circuit size}``) puts each task's size first.
+    (AutoCircuit's form, ``true_edge_counts=True`` reading the sizes from the task
+    registry, is ``auto_circuit.app.prune_scores_similarity``, which AutoCircuit's path
+    ``auto_circuit.metrics.prune_scores_similarity`` gives.)
     """
     results: dict[str, Similarities] = {}
     for task, algo_scores in task_prune_scores.items():
         counts = list(edge_counts)
-        if true_edge_counts:
-            counts = [_official_edge_count(task), *counts]
+        if true_edge_counts is not None:
+            if task not in true_edge_counts:
+                raise CircuitError(f"true_edge_counts has no size for task {task!r}.")
+            counts = [true_edge_counts[task], *counts]
         results[task] = prune_score_similarities(algo_scores, counts)
     return results
-
-
-def _official_edge_count(task_key: str) -> int:
-    # The registry of tasks is the app's; imported only by this option.
-    from auto_circuit.app.tasks import task_by_key
-
-    count = task_by_key(task_key).true_edge_count
-    if count is None:
-        raise CircuitError(f"Task {task_key!r} has no official circuit to take the size of.")
-    return count
-
-
-def prune_score_similarities_plotly(
-    task_prune_scores: Mapping[str, Mapping[str, PruneScores]],
-    edge_counts: Sequence[int],
-    ground_truths: bool = False,
-) -> Any:
-    """AutoCircuit's heatmaps of top-k overlap (``auto_circuit.figures.plots.
-    prune_score_similarities_plot``, imported only when called). With ``ground_truths``
-    the tasks' official circuit size comes first; the tasks must then share it (one
-    column per size)."""
-    from auto_circuit.figures.plots import prune_score_similarities_plot
-
-    counts = list(edge_counts)
-    if ground_truths:
-        sizes = {_official_edge_count(task) for task in task_prune_scores}
-        if len(sizes) != 1:
-            raise CircuitError(
-                f"ground_truths=True needs tasks with one official circuit size, got "
-                f"{sorted(sizes)}; plot the tasks one at a time."
-            )
-        counts = [*sizes, *counts]
-    return prune_score_similarities_plot(task_prune_scores, counts)

@@ -17,9 +17,8 @@ scores, one sort of the scores.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from itertools import pairwise
-from typing import Any
 
 import torch as t
 from torch import Tensor
@@ -73,61 +72,6 @@ def _sorted_labels(
 
 
 def measure_roc(
-    model: PatchableModel | Mapping[str, Mapping[str, PruneScores]] | None = None,
-    official_edges: Collection[Edge | str] | None = None,
-    prune_scores: PruneScores | None = None,
-    all_edges: bool = False,
-    test_edge_counts: TestEdges | None = None,
-    *,
-    task_prune_scores: Mapping[str, Mapping[str, PruneScores]] | None = None,
-) -> Any:
-    """ROC points ``[(FPR, TPR)]`` of the circuits of the top edges by ``|score|``
-    (:func:`measure_task_roc`), or AutoCircuit's task form.
-
-    AutoCircuit's ``measure_roc(task_prune_scores)`` (``{task key: {algo: scores}}``,
-    positionally or by name) gives ``{task key: {algo: points}}`` against each task's
-    official circuit, from the task registry. AutoCircuit read ``task.model.true_edges``,
-    which does not exist, so its version always raised AttributeError; this one reads
-    ``task.true_edges``.
-    """
-    if isinstance(model, Mapping):
-        if task_prune_scores is not None:
-            raise TypeError("measure_roc: task_prune_scores given twice.")
-        task_prune_scores, model = model, None
-    if task_prune_scores is not None:
-        if model is not None or official_edges is not None or prune_scores is not None:
-            raise TypeError(
-                "measure_roc: pass either task_prune_scores (the task form) or model, "
-                "official_edges and prune_scores, not both."
-            )
-        return _measure_tasks_roc(task_prune_scores, all_edges, test_edge_counts)
-    if model is None or official_edges is None or prune_scores is None:
-        raise TypeError("measure_roc needs model, official_edges and prune_scores.")
-    return measure_task_roc(model, official_edges, prune_scores, all_edges, test_edge_counts)
-
-
-def _measure_tasks_roc(
-    task_prune_scores: Mapping[str, Mapping[str, PruneScores]],
-    all_edges: bool,
-    test_edge_counts: TestEdges | None,
-) -> dict[str, dict[str, Measurements]]:
-    # The registry of tasks is the app's; imported only by this form.
-    from auto_circuit.app.tasks import task_by_key
-
-    results: dict[str, dict[str, Measurements]] = {}
-    for task_key, algo_scores in task_prune_scores.items():
-        task = task_by_key(task_key)
-        official = task.true_edges
-        if official is None:
-            raise CircuitError(f"Task {task_key!r} has no official circuit to draw ROC against.")
-        results[task_key] = {
-            algo: measure_task_roc(task.model, official, scores, all_edges, test_edge_counts)
-            for algo, scores in algo_scores.items()
-        }
-    return results
-
-
-def measure_task_roc(
     model: PatchableModel,
     official_edges: Collection[Edge | str],
     prune_scores: PruneScores,
@@ -176,6 +120,10 @@ def measure_task_roc(
     return points
 
 
+measure_task_roc = measure_roc
+"""AutoCircuit's name for :func:`measure_roc`."""
+
+
 def _next_group_end(group_end: Tensor) -> Tensor:
     """For each sorted position, the index of the last edge of its tie group."""
     n = group_end.numel()
@@ -199,4 +147,4 @@ def measure_roc_auc(
 ) -> float:
     """The exact ROC AUC (every tie group a point) of ``prune_scores`` against
     ``official_edges``."""
-    return roc_auc(measure_task_roc(model, official_edges, prune_scores, all_edges=True))
+    return roc_auc(measure_roc(model, official_edges, prune_scores, all_edges=True))
