@@ -17,7 +17,11 @@ import torch as t
 from auto_circuit.algorithms.subnetwork_probing import (
     EpochCallback,
     FaithfulnessTarget,
+    TrainGraph,
+    check_validation_reported,
+    render_train_graph,
     subnetwork_probing_prune_scores,
+    with_recorder,
 )
 from auto_circuit.engine.patchable_model import PatchableModel
 from auto_circuit.vocabulary.errors import CircuitError
@@ -70,15 +74,19 @@ def circuit_probing_prune_scores(
     seed: int = 0,
     epoch_callback: EpochCallback | None = None,
     show_progress: bool = True,
+    show_train_graph: TrainGraph = False,
+    validation_dataloader: Any = None,
 ) -> PruneScores:
     """Rank edges by the smallest target circuit size whose learned circuit holds them.
 
     Args:
         model, dataloader, learning_rate, epochs, regularize_lambda, mask_fn,
             dropout_p, init_val, tree_optimisation, avoid_edges, avoid_lambda,
-            faithfulness_target, ablation_type, seed, epoch_callback, show_progress: as
-            in ``subnetwork_probing_prune_scores``, for every run (the callback's
-            records carry each run's ``circuit_size``).
+            faithfulness_target, ablation_type, seed, epoch_callback, show_progress,
+            validation_dataloader: as in ``subnetwork_probing_prune_scores``, for every
+            run (the callback's records carry each run's ``circuit_size``).
+        show_train_graph: as in ``subnetwork_probing_prune_scores``, but one figure
+            for all runs, one line per target size.
         official_edges: the official circuit; only needed for ``"true_size"``.
         circuit_sizes: target sizes, ints or ``"true_size"`` (the number of official
             edges); clipped to the number of edges, deduplicated and sorted ascending.
@@ -90,6 +98,8 @@ def circuit_probing_prune_scores(
         by no run score 0. Larger = more important.
     """
     sizes = resolve_circuit_sizes(circuit_sizes, model.n_edges, official_edges)
+    check_validation_reported(validation_dataloader, epoch_callback, show_train_graph)
+    epoch_callback, records = with_recorder(epoch_callback, show_train_graph)
     scores = model.new_prune_scores()
     names = sorted(scores)
     numels = [scores[name].numel() for name in names]
@@ -110,6 +120,7 @@ def circuit_probing_prune_scores(
             faithfulness_target=faithfulness_target,
             ablation_type=ablation_type,
             circuit_size=size,
+            validation_dataloader=validation_dataloader,
             seed=seed,
             epoch_callback=epoch_callback,
             show_progress=show_progress,
@@ -118,6 +129,7 @@ def circuit_probing_prune_scores(
         top = order[:size].to(flat.device)
         rank = float(len(sizes) - idx)
         flat[top] = t.maximum(flat[top], t.full_like(flat[top], rank))
+    render_train_graph(records, show_train_graph, "Circuit probing")
     return {
         name: chunk.view_as(scores[name])
         for name, chunk in zip(names, flat.split(numels), strict=True)

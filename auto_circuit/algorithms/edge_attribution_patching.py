@@ -49,6 +49,23 @@ def tl_hook_flags(model: Any, separate_qkv: bool | None) -> Iterator[None]:
             setattr(model.cfg, flag, value)
 
 
+def _answer_function(
+    answer_function: AnswerFunction | None, answer_diff: bool | None
+) -> AnswerFunction:
+    """Our ``answer_function`` or AutoCircuit's ``answer_diff`` flag: one of them."""
+    if answer_diff is None:
+        return "avg_diff" if answer_function is None else answer_function
+    if answer_function is not None:
+        raise CircuitError(
+            f"Give answer_function ({answer_function!r}) or AutoCircuit's answer_diff "
+            f"({answer_diff!r}), not both: answer_diff=True is answer_function='avg_diff', "
+            "answer_diff=False is answer_function='avg_val'."
+        )
+    if not isinstance(answer_diff, bool):
+        raise CircuitError(f"answer_diff must be True or False, got {answer_diff!r}.")
+    return "avg_diff" if answer_diff else "avg_val"
+
+
 def _stacked_src_outs(model: PatchableModel, cache: dict[str, Tensor]) -> Tensor:
     """Every source's output from a hook cache, ``[n_src, batch, seq, d_model]``."""
     return t.stack(
@@ -66,8 +83,9 @@ def edge_attribution_patching_prune_scores(
     dataloader,
     official_edges=None,
     grad_function: GradFunction = "logit",
-    answer_function: AnswerFunction = "avg_diff",
+    answer_function: AnswerFunction | None = None,
     input_interpolation_steps: int | None = None,
+    answer_diff: bool | None = None,
 ) -> PruneScores:
     """Edge attribution patching scores from activation gradients (TransformerLens only).
 
@@ -77,7 +95,13 @@ def edge_attribution_patching_prune_scores(
     RESAMPLE ablation of the corrupt prompts. With ``input_interpolation_steps=m`` the
     gradient is averaged over runs from the embeddings ``corrupt + k/m (clean -
     corrupt)``, k = 1..m: EAP-IG with input interpolation (Hanna et al. 2024).
+
+    ``answer_function`` (default ``"avg_diff"``) is the metric: ``"avg_diff"`` the mean
+    answer minus wrong-answer value, ``"avg_val"`` the mean answer value, ``"mse"``.
+    ``answer_diff`` is AutoCircuit's name for the choice between the first two (True:
+    ``"avg_diff"``, False: ``"avg_val"``); give one of the two, not both.
     """
+    answer_function = _answer_function(answer_function, answer_diff)
     # The unwrapped model with its own hooks: this oracle is independent of the engine.
     inner: Any = model.wrapped_model
     if not model.is_transformer or not hasattr(inner, "hooks"):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
 import torch as t
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -45,6 +50,9 @@ def run_circuits(
     patch_type: PatchType = PatchType.EDGE_PATCH,
     ablation_type: AblationType = AblationType.RESAMPLE,
     reverse_clean_corrupt: bool = False,
+    render_graph: bool = False,
+    render_score_threshold: float = 0.0,
+    render_file_path: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
 ) -> CircuitOutputs:
     """Model outputs (``model.out_slice``) for the circuits of the top-k edges, for each k.
@@ -55,6 +63,17 @@ def run_circuits(
     ``reverse_clean_corrupt`` swaps clean and corrupt in both. With tied scores a
     circuit can hold more than k edges: outputs are keyed by the real circuit size.
     Outputs are detached and kept on the CPU. The masks are restored afterwards.
+
+    ``render_graph`` draws every evaluated circuit with
+    ``auto_circuit.figures.draw_seq_graph`` (edges with ``|score| >=
+    render_score_threshold``; rendering never changes the outputs). With
+    ``render_file_path`` each figure is written there instead of being shown (``.html``
+    needs nothing more; static formats need Chromium): with several circuit sizes the
+    size is added to the file name, ``circuit.html`` -> ``circuit-12-edges.html``.
+    Without a path the figure is shown only inside IPython. AutoCircuit drew the
+    current masks once per batch and size (in TREE_PATCH mode the masks are the
+    complement of the circuit, so it drew the ablated edges) and overwrote one file
+    each time; here each circuit is drawn once, with its own edges and scores.
     """
     n_edges = model.n_edges
     if any(not 0 <= k <= n_edges for k in test_edge_counts):
@@ -68,6 +87,16 @@ def run_circuits(
     outputs: CircuitOutputs = {size: {} for size in sizes.values()}
     total = len(dataloader) * len(thresholds)
     progress = tqdm(total=total, desc="run_circuits", disable=not show_progress or total < 20)
+    if render_graph:
+        for k, threshold in thresholds.items():
+            _render_circuit(
+                model,
+                dataloader,
+                prune_scores,
+                threshold,
+                render_score_threshold,
+                _render_path(render_file_path, sizes[k], len(thresholds)),
+            )
     with masks_saved(model), t.no_grad():
         patch_from = "corrupt" if run_clean else "clean"
         for batch, patch in iter_batch_ablations(model, dataloader, ablation_type, patch_from):
@@ -82,6 +111,42 @@ def run_circuits(
                     progress.update()
     progress.close()
     return outputs
+
+
+def _render_path(path: str | os.PathLike[str] | None, size: int, n_circuits: int) -> Path | None:
+    """Where circuit ``size`` is written: ``path`` itself for a single circuit, else
+    ``path`` with the size before its suffix."""
+    if path is None:
+        return None
+    path = Path(path)
+    return path if n_circuits == 1 else path.with_name(f"{path.stem}-{size}-edges{path.suffix}")
+
+
+def _render_circuit(
+    model: PatchableModel,
+    dataloader: Any,
+    prune_scores: PruneScores,
+    threshold: Tensor | None,
+    score_threshold: float,
+    file_path: Path | None,
+) -> None:
+    """Draw the circuit of edges with ``|score| >= threshold``, with their scores."""
+    # Rendering is an opt-in side output, so the figures stage is imported here, only
+    # when asked for: the algorithms stage never imports a later stage at import time.
+    figures = importlib.import_module("auto_circuit.figures")
+    in_circuit = circuit_masks(prune_scores, threshold, PatchType.EDGE_PATCH)
+    scores = {k: v * in_circuit[k].to(v.device, v.dtype) for k, v in prune_scores.items()}
+    seq_labels = getattr(dataloader, "seq_labels", None)
+    if seq_labels is not None and (model.seq_len is None or len(seq_labels) != model.seq_len):
+        seq_labels = None
+    figures.draw_seq_graph(
+        model,
+        scores,
+        score_threshold=score_threshold,
+        seq_labels=seq_labels,
+        display_ipython=file_path is None,
+        file_path=file_path,
+    )
 
 
 def _threshold(sorted_abs_scores: Tensor, k: int) -> Tensor | None:

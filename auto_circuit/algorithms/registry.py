@@ -7,22 +7,30 @@ PruneScores``; a ``PruneAlgo`` binds one to its preset parameters. Larger absolu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Any
+from typing import Any, overload
 
 from auto_circuit.engine.patchable_model import PatchableModel
 from auto_circuit.vocabulary.errors import CircuitError
 from auto_circuit.vocabulary.misc import did_you_mean
 from auto_circuit.vocabulary.types import AblationType, Edge, PruneScores
 
+PruneFunc = Callable[..., PruneScores]
+"""``(model, dataloader, official_edges) -> PruneScores``."""
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class PruneAlgo:
     """A discovery algorithm: ``module.function`` called with ``kwargs`` preset.
 
     The function is imported when first run, so the registry costs nothing to import.
+    AutoCircuit's form is accepted too: ``PruneAlgo(key, name, func=f)`` (or ``func``
+    as the third positional argument, then ``_short_name`` as the fourth, as in
+    AutoCircuit), where ``f(model, dataloader, official_edges) -> PruneScores`` is
+    called as it is (bind presets with ``functools.partial``); ``module`` and
+    ``function`` then name ``f``.
     """
 
     key: str
@@ -31,13 +39,63 @@ class PruneAlgo:
     function: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     _short_name: str | None = None
+    _func: PruneFunc | None = field(default=None, compare=False, repr=False)
+
+    def __init__(
+        self,
+        key: str,
+        name: str,
+        module: str | PruneFunc | None = None,
+        function: str | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        _short_name: str | None = None,
+        *,
+        func: PruneFunc | None = None,
+    ):
+        if callable(module):  # AutoCircuit's positional order: (key, name, func, _short_name)
+            if func is not None:
+                raise CircuitError(f"PruneAlgo {key!r}: give func once, not twice.")
+            if _short_name is not None or kwargs is not None:
+                raise CircuitError(
+                    f"PruneAlgo {key!r}: with func as the third argument the fourth is "
+                    "_short_name (AutoCircuit's order); pass the rest by keyword."
+                )
+            func, _short_name, function, module = module, function, None, None
+        if func is not None:
+            if module is not None or function is not None:
+                raise CircuitError(
+                    f"PruneAlgo {key!r}: give func (a function) or module and function "
+                    "(its import path), not both."
+                )
+            if not callable(func):
+                raise CircuitError(f"PruneAlgo {key!r}: func must be callable, got {func!r}.")
+            module = getattr(func, "__module__", None) or "<unknown>"
+            function = getattr(func, "__qualname__", None) or repr(func)
+        elif module is None or function is None:
+            raise CircuitError(
+                f"PruneAlgo {key!r}: give func, or module and function (e.g. "
+                "'auto_circuit.algorithms.random_edges', 'random_prune_scores')."
+            )
+        values = {
+            "key": key,
+            "name": name,
+            "module": module,
+            "function": function,
+            "kwargs": dict(kwargs or {}),
+            "_short_name": _short_name,
+            "_func": func,
+        }
+        for name_, value in values.items():
+            object.__setattr__(self, name_, value)
 
     @property
     def short_name(self) -> str:
         return self._short_name or self.name
 
     @property
-    def func(self) -> Callable[..., PruneScores]:
+    def func(self) -> PruneFunc:
+        if self._func is not None:
+            return self._func
         return getattr(import_module(self.module), self.function)
 
     def __call__(
@@ -136,8 +194,59 @@ def prune_algo(key: str) -> PruneAlgo:
     return PRUNE_ALGO_DICT[key]
 
 
-def run_prune_algos(
-    model: PatchableModel, dataloader, algos: list[PruneAlgo], official_edges=None
+def run_prune_algos_on(
+    model: PatchableModel,
+    dataloader: Any,
+    algos: Iterable[PruneAlgo],
+    official_edges: set[Edge] | None = None,
 ) -> dict[str, PruneScores]:
     """Run each algorithm on ``dataloader``: scores by algorithm key."""
     return {algo.key: algo(model, dataloader, official_edges) for algo in algos}
+
+
+@overload
+def run_prune_algos(
+    tasks: Iterable[Any], prune_algos: Iterable[PruneAlgo]
+) -> dict[str, dict[str, PruneScores]]: ...
+
+
+@overload
+def run_prune_algos(
+    tasks: PatchableModel,
+    prune_algos: Any,
+    algos: Iterable[PruneAlgo],
+    official_edges: set[Edge] | None = None,
+) -> dict[str, PruneScores]: ...
+
+
+def run_prune_algos(
+    tasks: Iterable[Any] | PatchableModel,
+    prune_algos: Any,
+    algos: Iterable[PruneAlgo] | None = None,
+    official_edges: set[Edge] | None = None,
+) -> dict[str, dict[str, PruneScores]] | dict[str, PruneScores]:
+    """AutoCircuit's ``run_prune_algos(tasks, prune_algos)``: for every task, run every
+    algorithm on ``task.train_loader`` with ``task.model`` and ``task.true_edges`` (each
+    task loads on first use); returns ``{task.key: {algo.key: scores}}``.
+
+    The older form ``run_prune_algos(model, dataloader, algos, official_edges)`` (a
+    ``PatchableModel`` first) is ``run_prune_algos_on`` and returns
+    ``{algo.key: scores}``.
+    """
+    if isinstance(tasks, PatchableModel):
+        if algos is None:
+            raise CircuitError(
+                "run_prune_algos(model, dataloader, algos, official_edges) needs algos; "
+                "AutoCircuit's form is run_prune_algos(tasks, prune_algos)."
+            )
+        return run_prune_algos_on(tasks, prune_algos, algos, official_edges)
+    if algos is not None or official_edges is not None:
+        raise CircuitError(
+            "run_prune_algos(tasks, prune_algos) takes no algos or official_edges: each "
+            "task's own true_edges are used."
+        )
+    prune_algos = list(prune_algos)
+    return {
+        task.key: run_prune_algos_on(task.model, task.train_loader, prune_algos, task.true_edges)
+        for task in tasks
+    }

@@ -39,7 +39,9 @@ sample, and a run is reproducible for a seed without touching the global RNG.
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -100,6 +102,55 @@ class ProbingEpoch:
 
 
 EpochCallback = Callable[[ProbingEpoch], None]
+TrainGraph = bool | str | os.PathLike[str]
+"""``show_train_graph``: False, True (show inside IPython) or a file to write."""
+
+
+def check_validation_reported(
+    validation_dataloader: Any, epoch_callback: EpochCallback | None, show_train_graph: TrainGraph
+) -> None:
+    """A validation loader is useless unless its curve goes somewhere."""
+    if validation_dataloader is not None and epoch_callback is None and not show_train_graph:
+        raise CircuitError(
+            "validation_dataloader is only reported through epoch_callback or the training "
+            "graph: pass a callback that records ProbingEpoch.validation_faithfulness, "
+            "show_train_graph, or no validation_dataloader."
+        )
+
+
+def with_recorder(
+    callback: EpochCallback | None, show_train_graph: TrainGraph
+) -> tuple[EpochCallback | None, list[ProbingEpoch]]:
+    """``callback``, also recording every epoch when a training graph is asked for."""
+    records: list[ProbingEpoch] = []
+    if show_train_graph is False:
+        return callback, records
+
+    def record(epoch: ProbingEpoch) -> None:
+        records.append(epoch)
+        if callback is not None:
+            callback(epoch)
+
+    return record, records
+
+
+def render_train_graph(
+    records: Sequence[ProbingEpoch], show_train_graph: TrainGraph, title: str
+) -> Any:
+    """Draw the training curves (``auto_circuit.figures.training``): shown inside
+    IPython for True, written to the file otherwise; returns the figure (None if off)."""
+    if show_train_graph is False or not records:
+        return None
+    # The training graph is an opt-in side output, so the figures stage is imported
+    # here, only when asked for: algorithms never import a later stage at import time.
+    training = importlib.import_module("auto_circuit.figures.training")
+    export = importlib.import_module("auto_circuit.figures.export")
+    fig = training.probing_training_plot(records, title=title)
+    if show_train_graph is True:
+        export.show_in_ipython(fig)
+    else:
+        export.write_figure(fig, show_train_graph)
+    return fig
 
 
 def circuit_probabilities(circuit_logits: Tensor, mask_fn: MaskFn) -> Tensor:
@@ -298,6 +349,7 @@ def subnetwork_probing_prune_scores(
     seed: int = 0,
     epoch_callback: EpochCallback | None = None,
     show_progress: bool = True,
+    show_train_graph: TrainGraph = False,
 ) -> PruneScores:
     """Learn a circuit by optimising one stochastic gate per edge (subnetwork probing).
 
@@ -325,11 +377,19 @@ def subnetwork_probing_prune_scores(
         circuit_size: a target size: the penalty becomes
             ``ReLU(expected size - circuit_size) / circuit_size``.
         validation_dataloader: also record the faithfulness on these prompts with
-            deterministic gates after every epoch (``ProbingEpoch.validation_faithfulness``).
+            deterministic gates after every epoch (``ProbingEpoch.validation_faithfulness``,
+            also drawn in the training graph). AutoCircuit's validation curve was the
+            logit-difference percentage; this is the training objective's
+            faithfulness, so the two curves compare directly.
         seed: seeds the gate samples and dropout; the global RNG state is restored.
         epoch_callback: called with a ``ProbingEpoch`` after every epoch (the loss
             history, e.g. to plot it).
         show_progress: show a tqdm progress bar.
+        show_train_graph: draw the training curves after training
+            (``auto_circuit.figures.training.probing_training_plot``): True shows them
+            inside IPython only (AutoCircuit called ``fig.show()`` anywhere), a path
+            writes them there (``.html``, or a static image with Chromium). The figure
+            is built lazily; the records are also available through ``epoch_callback``.
 
     Returns:
         Scores shaped like the masks: each edge's learned circuit logit (the mask logit
@@ -346,11 +406,8 @@ def subnetwork_probing_prune_scores(
         faithfulness_target,
         circuit_size,
     )
-    if validation_dataloader is not None and epoch_callback is None:
-        raise CircuitError(
-            "validation_dataloader is only reported through epoch_callback: pass a callback "
-            "that records ProbingEpoch.validation_faithfulness, or no validation_dataloader."
-        )
+    check_validation_reported(validation_dataloader, epoch_callback, show_train_graph)
+    epoch_callback, records = with_recorder(epoch_callback, show_train_graph)
     sign = -1.0 if tree_optimisation else 1.0
     avoid = model.circuit_prune_scores(edges=avoid_edges, bool=True) if avoid_edges else None
     circuit_terms = _CircuitTerms(sign, mask_fn, model.n_edges, circuit_size, avoid)
@@ -359,11 +416,14 @@ def subnetwork_probing_prune_scores(
         t.manual_seed(seed)
         target = faithfulness_target
         train = _prepare(model, dataloader, tree_optimisation, ablation_type, target)
-        validation = (
-            _prepare(model, validation_dataloader, tree_optimisation, ablation_type, target)
-            if validation_dataloader is not None
-            else None
-        )
+        validation = None
+        if validation_dataloader is not None:
+            # Iterating a DataLoader draws from the global RNG: fork it, so that a
+            # validation loader changes no training sample.
+            with t.random.fork_rng(devices=_rng_devices(model)):
+                validation = _prepare(
+                    model, validation_dataloader, tree_optimisation, ablation_type, target
+                )
         with (
             masks_saved(model),
             mask_fn_mode(model, mask_fn, dropout_p),
@@ -409,5 +469,6 @@ def subnetwork_probing_prune_scores(
                     )
                 )
             circuit_logits = {name: sign * mask.detach().clone() for name, mask in masks.items()}
+    render_train_graph(records, show_train_graph, "Subnetwork probing")
     lowest = min(float(v.min()) for v in circuit_logits.values())
     return {name: v - lowest + 1.0 for name, v in circuit_logits.items()}

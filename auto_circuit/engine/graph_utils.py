@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch as t
 from torch import Tensor
@@ -17,6 +17,7 @@ from auto_circuit.engine.fast import FastEngine
 from auto_circuit.engine.patchable_model import PatchableModel
 from auto_circuit.engine.reference import ReferenceEngine
 from auto_circuit.engine.settings import fast_paths_default
+from auto_circuit.families.contract import in_edge
 from auto_circuit.families.registry import family_for
 from auto_circuit.vocabulary.errors import CircuitError
 from auto_circuit.vocabulary.tensor_ops import flat_prune_scores
@@ -25,18 +26,68 @@ from auto_circuit.vocabulary.types import (
     Edge,
     EdgeCounts,
     MaskFn,
+    Node,
     PruneScores,
     SrcNode,
     TestEdges,
 )
 
 
+class GraphEdges(NamedTuple):
+    """The graph of a model, in AutoCircuit's order (it unpacks as AutoCircuit's
+    7-tuple): every node, the sources, the destinations, the edges by token position
+    (key None when the graph has no positions), every edge, the sequence axis of the
+    activations (1: ``[batch, seq, d_model]``) and the number of positions."""
+
+    nodes: set[Node]
+    srcs: set[SrcNode]
+    dests: set[DestNode]
+    edge_dict: dict[int | None, list[Edge]]
+    edges: set[Edge]
+    seq_dim: int
+    seq_len: int | None
+
+
 def graph_edges(
-    model: t.nn.Module, factorized: bool, separate_qkv: bool | None = None
-) -> tuple[set[SrcNode], set[DestNode]]:
-    """The source and destination nodes of ``model``'s graph, from its model family."""
+    model: t.nn.Module,
+    factorized: bool,
+    separate_qkv: bool | None = None,
+    seq_len: int | None = None,
+) -> GraphEdges:
+    """The nodes and edges of ``model``'s graph, from its model family, without wrapping
+    the model.
+
+    Args:
+        model: a supported model (``auto_circuit.families.registry``).
+        factorized: every earlier source feeds every later destination (edge-level
+            graph); False: each destination reads only the layer before it.
+        separate_qkv: transformers only: separate Q, K, V destinations per head.
+        seq_len: give each token position its own copy of every edge
+            (``Edge.seq_idx`` = 0 .. seq_len - 1); None: one edge for all positions.
+
+    Returns:
+        ``GraphEdges(nodes, srcs, dests, edge_dict, edges, seq_dim, seq_len)``, as
+        AutoCircuit returns them; the edges are those of ``patchable_model`` with the
+        same arguments, ``edge_dict`` lists them by destination layer, then names.
+    """
+    if seq_len is not None and (isinstance(seq_len, bool) or seq_len < 1):
+        raise CircuitError(
+            f"seq_len must be a positive number of positions or None, got {seq_len}."
+        )
     graph = family_for(model).build(model, factorized, separate_qkv)
-    return graph.srcs, graph.dests
+    srcs, dests = set(graph.srcs), set(graph.dests)
+    pairs = [
+        (src, dest)
+        for dest in sorted(dests, key=lambda d: (d.layer, d.name))
+        for src in sorted(srcs, key=lambda s: s.src_idx)
+        if in_edge(src, dest, factorized)
+    ]
+    positions: list[int | None] = list(range(seq_len)) if seq_len is not None else [None]
+    edge_dict = {pos: [Edge(src, dest, pos) for src, dest in pairs] for pos in positions}
+    edges = {edge for pos_edges in edge_dict.values() for edge in pos_edges}
+    nodes: set[Node] = set()
+    nodes.update(srcs, dests)
+    return GraphEdges(nodes, srcs, dests, edge_dict, edges, 1, seq_len)
 
 
 def patchable_model(

@@ -82,7 +82,7 @@ class TracrVocab:
     def bos_id(self) -> int:
         return self.input_tokens.index(self.bos)
 
-    def encode(self, seq: Sequence[Token]) -> Int[Tensor, " pos"]:
+    def encode(self, seq: Sequence[Token]) -> Int[Tensor, " seq"]:
         """Token ids of ``[BOS, *seq]``."""
         ids = self.input_ids
         unknown = [tok for tok in seq if tok not in ids or tok in (self.bos, self.pad)]
@@ -96,7 +96,7 @@ class TracrVocab:
             )
         return t.tensor([self.bos_id, *(ids[tok] for tok in seq)])
 
-    def decode(self, logits: Float[Tensor, "pos d_vocab_out"]) -> list[Token | float]:
+    def decode(self, logits: Float[Tensor, "seq d_vocab_out"]) -> list[Token | float]:
         """The output at each position: the argmax token (categorical) or the value."""
         if logits.ndim != 2:
             raise CircuitError(f"decode takes [pos, d_vocab_out] logits, got {logits.shape}.")
@@ -130,18 +130,29 @@ def _vocab(meta: Mapping) -> TracrVocab:
 
 
 def get_tracr_model(
-    name: TracrModelName, device: t.device | str = "cpu"
+    name: TracrModelName | None = None,
+    device: t.device | str = "cpu",
+    *,
+    tracr_task_key: TracrModelName | None = None,
 ) -> tuple[HookedTransformer, TracrVocab]:
     """Load a shipped tracr model as a TransformerLens ``HookedTransformer``.
 
     Args:
         name: ``"reverse"`` or ``"xproportion"``.
         device: Where the model lives.
+        tracr_task_key: AutoCircuit's name for ``name``; give one of the two.
 
     Returns:
         The model (eval mode, float32, ``requires_grad=False`` parameters, no tokenizer)
         and its vocabulary. ``cfg.model_name`` is ``"tracr-<name>"``.
     """
+    if (name is None) == (tracr_task_key is None):
+        raise CircuitError(
+            "get_tracr_model: give the model's name once, as name or as AutoCircuit's "
+            f"tracr_task_key (got name={name!r}, tracr_task_key={tracr_task_key!r})."
+        )
+    name = name if name is not None else tracr_task_key
+    assert name is not None
     _check_name(name)
     folder = _model_dir()
     meta = json.loads((folder / f"{name}.json").read_text())
@@ -163,7 +174,7 @@ def get_tracr_model(
 
 def tracr_reference_outputs(
     name: TracrModelName,
-) -> tuple[Int[Tensor, "n_inputs pos"], Float[Tensor, "n_inputs pos d_vocab_out"]]:
+) -> tuple[Int[Tensor, "n_inputs seq"], Float[Tensor, "n_inputs seq d_vocab_out"]]:
     """The compiled tracr model's own outputs (computed with tracr, before any argmax) on
     every input of the model's shipped dataset, to check the conversion without jax.
 

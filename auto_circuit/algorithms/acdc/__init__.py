@@ -91,8 +91,9 @@ Axis names: ``batch`` prompts, ``seq`` positions, ``n_src`` all sources, ``d_mod
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
+from typing import Any
 
 from auto_circuit.algorithms.acdc.config import ACDCConfig, FaithfulnessTarget, taus_from
 from auto_circuit.algorithms.acdc.result import AcdcResult, AcdcStep
@@ -123,6 +124,10 @@ def acdc_prune_scores(
     state_path: str | Path | None = None,
     show_progress: bool = True,
     save_every: int = 20,
+    test_mode: bool = False,
+    run_circuits_ref: Callable[..., Any] | None = None,
+    show_graphs: bool = False,
+    draw_seq_graph_ref: Callable[..., Any] | None = None,
 ) -> PruneScores:
     """ACDC prune scores (Conmy et al. 2023): see the module docstring and ``run_acdc``.
 
@@ -142,6 +147,10 @@ def acdc_prune_scores(
         state_path,
         show_progress,
         save_every,
+        test_mode,
+        run_circuits_ref,
+        show_graphs,
+        draw_seq_graph_ref,
     ).prune_scores
 
 
@@ -158,6 +167,10 @@ def run_acdc(
     state_path: str | Path | None = None,
     show_progress: bool = True,
     save_every: int = 20,
+    test_mode: bool = False,
+    run_circuits_ref: Callable[..., Any] | None = None,
+    show_graphs: bool = False,
+    draw_seq_graph_ref: Callable[..., Any] | None = None,
 ) -> AcdcResult:
     """Run ACDC for every ``tau = base * 10**exp`` and return the circuits and scores.
 
@@ -183,6 +196,21 @@ def run_acdc(
             ``os.replace``): every ``save_every`` rounds of candidates, after each
             ``tau``, and when the run is interrupted (an exception or Ctrl-C).
         show_progress: a progress bar over the edges tested.
+        test_mode: check every step: the metric of each decided circuit (and of the full
+            model), computed by the fast evaluation (batched candidates, forwards
+            started at a block, skipped destinations, values reused across taus), is
+            recomputed with a plain TREE_PATCH ``run_circuits`` and must agree (relative
+            1e-3, absolute 1e-6), else a ``CircuitError`` names the step. One plain
+            evaluation per edge per tau: for debugging, not for speed.
+        run_circuits_ref: the ``run_circuits`` used by ``test_mode`` (AutoCircuit passed
+            it to avoid a circular import; default:
+            ``auto_circuit.algorithms.prune.run_circuits``).
+        show_graphs: after every removed edge, draw the current circuit (the edges still
+            in, score 1) with ``draw_seq_graph_ref``; shown only inside IPython.
+        draw_seq_graph_ref: the drawing function, called as ``(model, prune_scores,
+            score_threshold=0.5)`` (default: ``auto_circuit.figures.draw_seq_graph``,
+            imported only when ``show_graphs`` is on). AutoCircuit drew the masks,
+            i.e. the removed edges; this draws the circuit.
 
     Returns:
         An ``AcdcResult``; its ``prune_scores`` are those of ``acdc_prune_scores``.
@@ -197,5 +225,9 @@ def run_acdc(
         state_path=state_path,
         show_progress=show_progress,
         save_every=save_every,
+        test_mode=test_mode,
+        run_circuits_ref=run_circuits_ref,
+        show_graphs=show_graphs,
+        draw_seq_graph_ref=draw_seq_graph_ref,
     )
     return search(model, dataloader, config)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from auto_circuit.vocabulary.errors import CircuitError
 from auto_circuit.vocabulary.types import AblationType
@@ -20,7 +20,9 @@ class ACDCConfig:
     """Every option of one ACDC run (see ``run_acdc`` for their meaning).
 
     ``taus``: the distinct thresholds, ascending (``taus_from``). ``candidates_per_forward``
-    None: chosen from memory (``evaluator.default_candidates``).
+    None: chosen from memory (``evaluator.default_candidates``). ``test_mode``,
+    ``run_circuits_ref``, ``show_graphs`` and ``draw_seq_graph_ref``: checks and
+    pictures of every step (``run_acdc``); they never change the result.
     """
 
     taus: tuple[float, ...]
@@ -31,6 +33,10 @@ class ACDCConfig:
     state_path: str | Path | None = None
     show_progress: bool = True
     save_every: int = 20
+    test_mode: bool = False
+    run_circuits_ref: Callable[..., Any] | None = None
+    show_graphs: bool = False
+    draw_seq_graph_ref: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.taus:
