@@ -15,8 +15,10 @@
    streaming stores (it is not read again before far more than the cache has streamed
    through). The sums over k run in order with fused multiply-adds, as the BLAS's do.
 
-   Built at first use by auto_circuit/kernels/table_ops.py with the machine's C
-   compiler (-O3 -march=native -fopenmp); without one, the engine uses torch. */
+   Built ahead of time, never inside a forward: `python -m auto_circuit.engine.kernels
+   build` compiles it with the machine's C compiler (-O3 -march=native -fopenmp) into a
+   private cache directory; table_ops.py loads it only where asked to, and only after
+   the library's recorded SHA-256 matches. Otherwise the engine uses torch. */
 
 #include <pthread.h>
 #include <stdint.h>
@@ -48,12 +50,11 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 /* One tile: R rows x CV vectors of out, accumulated over all n rows of x, starting
    from the rows of init (NULL: from 0). o[r], init[r]: the tile's output and initial
    rows at its first column. pf: the column of the next panel to prefetch, one line
-   per row of x (NULL: none). part: NULL, or per row two vectors to which the tile
-   adds its values and their squares (row statistics, reduced by the caller). */
+   per row of x (NULL: none). */
 #define TILE(R, CV)                                                                        \
   static void tile_##R##_##CV(const float *m, int64_t m_row, const float *x, int64_t x_row, \
                               float *const *o, const float *const *init, int64_t n,        \
-                              const float *pf, vf *part) {                                 \
+                              const float *pf) {                                           \
     vf acc[R][CV];                                                                         \
     for (int r = 0; r < R; r++)                                                            \
       for (int j = 0; j < CV; j++) {                                                       \
@@ -74,12 +75,6 @@ typedef float vf __attribute__((vector_size(VL * 4)));
     }                                                                                      \
     for (int r = 0; r < R; r++)                                                            \
       for (int j = 0; j < CV; j++) STREAM(o[r] + j * VL, acc[r][j]);                       \
-    if (part)                                                                              \
-      for (int r = 0; r < R; r++)                                                          \
-        for (int j = 0; j < CV; j++) {                                                     \
-          part[2 * r] += acc[r][j];                                                        \
-          part[2 * r + 1] += acc[r][j] * acc[r][j];                                        \
-        }                                                                                  \
   }
 
 #define TILES_FOR(R) TILE(R, 1) TILE(R, 2) TILE(R, 3)
@@ -89,7 +84,7 @@ TILES_FOR(5) TILES_FOR(6) TILES_FOR(7) TILES_FOR(8)
 #endif
 
 typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float *const *,
-                        const float *const *, int64_t, const float *, vf *);
+                        const float *const *, int64_t, const float *);
 #define ROW(R) {tile_##R##_1, tile_##R##_2, tile_##R##_3}
 static const tile_fn tiles[RB + 1][CV_MAX] = {{0, 0, 0}, ROW(1), ROW(2), ROW(3), ROW(4)
 #if RB > 4
@@ -108,22 +103,16 @@ typedef struct {
   int64_t out_outer, out_row; /* out_o[r] = out + o out_outer + r out_row */
   const float *init;          /* NULL, or init_o[r] = init + o init_outer + */
   int64_t init_outer, init_batch, init_seq, init_len; /* (r / len) batch + (r % len) seq */
-  float *stats; /* NULL, or [outer, rows, 2]: each out row's sum and sum of squares */
   int64_t seq, rows, n, D, o0, o1;
 } job_t;
-
-#define MAX_STAT_ROWS 256
 
 static void *run_job(void *arg) {
   const job_t *j = (const job_t *)arg;
   float *orow[RB];
   const float *irow[RB];
-  vf part[2 * MAX_STAT_ROWS]; /* the rows' statistics, as vectors until the product ends */
   for (int64_t o = j->o0; o < j->o1; o++) {
     const float *m = j->m + (o / j->seq) * j->m_batch + (o % j->seq) * j->m_seq;
     const float *x = j->x + o * j->x_outer;
-    if (j->stats)
-      for (int64_t r = 0; r < 2 * j->rows; r++) part[r] = (vf){0};
     for (int64_t c0 = 0; c0 < j->D;) {
       int64_t cv = (j->D - c0) / VL < CV_MAX ? (j->D - c0) / VL : CV_MAX;
       int64_t next = c0 + cv * VL; /* the panel to prefetch: next columns, or next product */
@@ -139,16 +128,10 @@ static void *run_job(void *arg) {
         /* spread the panel's prefetches over the first row blocks: one vector each */
         const float *pf = panel && rb < CV_MAX ? panel + rb * VL : 0;
         tiles[rows][cv - 1](m + r0 * j->m_row, j->m_row, x + c0, j->x_row, orow,
-                            j->init ? irow : 0, j->n, pf, j->stats ? part + 2 * r0 : 0);
+                            j->init ? irow : 0, j->n, pf);
       }
       c0 = next;
     }
-    if (j->stats)
-      for (int64_t r = 0; r < 2 * j->rows; r++) {
-        float total = 0;
-        for (int i = 0; i < VL; i++) total += part[r][i];
-        j->stats[o * 2 * j->rows + r] = total;
-      }
   }
   FENCE();
   return 0;
@@ -191,16 +174,14 @@ static int unaligned(const float *p, int64_t stride) {
 
 /* The engine's masked sum: out[t, h, :] = sum_k m_t[h, k] x_t[k, :] for the tokens
    t = b * seq + s, m_t = m + b m_batch + s m_seq (rows m_row apart), x_t = x + t x_tok
-   (rows x_row apart), out [batch * seq, H, D] contiguous; stats: NULL, or
-   [batch * seq, H, 2] for each out row's sum and sum of squares. Returns 0, or -1 when
-   D is not a multiple of vector_floats() or out is not aligned to a vector, or there
-   are stats for more than MAX_STAT_ROWS rows (nothing done). */
+   (rows x_row apart), out [batch * seq, H, D] contiguous. Returns 0, or -1 when D is
+   not a multiple of vector_floats() or out is not aligned to a vector (nothing done). */
 int masked_sum(const float *m, int64_t m_batch, int64_t m_seq, int64_t m_row, const float *x,
-               int64_t x_tok, int64_t x_row, float *out, float *stats, int64_t batch,
-               int64_t seq, int64_t H, int64_t n, int64_t D, int threads) {
-  if (D % VL || unaligned(out, D) || (stats && H > MAX_STAT_ROWS)) return -1;
+               int64_t x_tok, int64_t x_row, float *out, int64_t batch, int64_t seq,
+               int64_t H, int64_t n, int64_t D, int threads) {
+  if (D % VL || unaligned(out, D)) return -1;
   job_t job = {m, m_batch, m_seq, m_row, x, x_tok, x_row, out, H * D, D,
-               0, 0, 0, 0, 1, stats, seq, H, n, D, 0, 0};
+               0, 0, 0, 0, 1, seq, H, n, D, 0, 0};
   run_jobs(job, batch * seq, threads);
   return 0;
 }
@@ -217,7 +198,7 @@ int head_differences(const float *zneg, int64_t z_head, int64_t z_tok, const flo
                      int64_t D, int threads) {
   if (D % VL || unaligned(out, out_head) || out_tok % VL) return -1;
   job_t job = {zneg, z_head, 0, z_tok, w, w_head, w_row, out, out_head, out_tok,
-               patch, p_head, p_batch, p_seq, seq, 0, 1, batch * seq, e, D, 0, 0};
+               patch, p_head, p_batch, p_seq, seq, 1, batch * seq, e, D, 0, 0};
   run_jobs(job, heads, threads);
   return 0;
 }
