@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import pytest
+import shape_checks
 import torch as t
 
-warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
 # The test models are tiny: one thread avoids thread-pool overhead dominating every op.
 t.set_num_threads(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")
+    parser.addoption(
+        "--no-shape-checks",
+        action="store_true",
+        default=False,
+        help="don't check auto_circuit's jaxtyping shape annotations at run time",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module imports auto_circuit (see shape_checks.py).
+    if not config.getoption("--no-shape-checks"):
+        shape_checks.install("auto_circuit")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -8,12 +8,7 @@ files (format in :func:`load_datasets_from_json`); the loaders give ``PromptPair
 Every prompt gets an integer id (its position in the dataset files). A batch's ``key`` is a
 hash of its prompts' ids: it is the same in every process and costs no device sync.
 
-Axis names used in shape annotations:
-
-- ``batch``: prompt pairs in a batch; ``seq``: token (or input) positions;
-- ``answer``: answers (or wrong answers) of one prompt;
-- ``d_input``: features of one input position, for models fed float vectors (the
-  MicroModel takes ``[seq, 2]`` inputs).
+Axis names are those of :mod:`auto_circuit.vocabulary.axes`.
 """
 
 from __future__ import annotations
@@ -40,8 +35,8 @@ if TYPE_CHECKING:
 
 PathLike = str | Path
 
-PromptTensor = Int[Tensor, " seq"] | Float[Tensor, "seq d_input"]
-BatchPromptTensor = Int[Tensor, "batch seq"] | Float[Tensor, "batch seq d_input"]
+PromptTensor = Int[Tensor, "seq *d_input"] | Float[Tensor, "seq *d_input"]
+BatchPromptTensor = Int[Tensor, "batch seq *d_input"] | Float[Tensor, "batch seq *d_input"]
 Answers = Tensor | list[Tensor]
 """``[batch, answer]`` when every prompt has the same number of answers, else a list of
 one ``[answer]`` tensor per prompt."""

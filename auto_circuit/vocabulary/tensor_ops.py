@@ -64,10 +64,10 @@ answers per output position."""
 
 
 def answer_values(
-    vals: Float[Tensor, "batch *pos vocab"],
+    vals: Float[Tensor, "batch *seq vocab"],
     answers: Answers,
     reduce: Literal["mean", "max"] = "mean",
-) -> Float[Tensor, " batch *pos"]:
+) -> Float[Tensor, " batch *seq"]:
     """Per prompt (and output position, for per-position answers), the mean (or max) of
     ``vals`` over the answer ids."""
     n_batch, n_vocab = vals.shape[0], vals.shape[-1]

@@ -47,7 +47,7 @@ class Batch:
     batch: Any
     size: int
     clean: Tensor
-    patch: Float[Tensor, "n_src batch seq d_model"]
+    patch: Float[Tensor, "n_src batch_or_1 seq d_model"]
     target: Tensor  # kl_div: clean log-probs; mse: answers [batch, n]; logit_diff: [batch]
     resid: list[Tensor] | None = None  # clean input of every block
     clean_srcs: Float[Tensor, "n_src batch seq d_model"] | None = None

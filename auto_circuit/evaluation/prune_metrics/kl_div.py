@@ -23,15 +23,15 @@ from auto_circuit.vocabulary.types import CircuitOutputs, Measurements
 
 
 def kl_div(
-    target_logits: Float[Tensor, "*pos vocab"], logits: Float[Tensor, "*pos vocab"]
-) -> Float[Tensor, " *pos"]:
+    target_logits: Float[Tensor, "*seq vocab"], logits: Float[Tensor, "*seq vocab"]
+) -> Float[Tensor, " *seq"]:
     """``KL(softmax(target_logits) || softmax(logits))`` over the last axis, clamped at 0."""
     return kl_div_logprobs(t.log_softmax(target_logits, dim=-1), t.log_softmax(logits, dim=-1))
 
 
 def kl_div_logprobs(
-    target_logprobs: Float[Tensor, "*pos vocab"], logprobs: Float[Tensor, "*pos vocab"]
-) -> Float[Tensor, " *pos"]:
+    target_logprobs: Float[Tensor, "*seq vocab"], logprobs: Float[Tensor, "*seq vocab"]
+) -> Float[Tensor, " *seq"]:
     """``KL(target || other)`` from log-probabilities, summed over the vocab, clamped at 0."""
     kl = t.nn.functional.kl_div(logprobs, target_logprobs, reduction="none", log_target=True)
     return kl.sum(dim=-1).clamp(min=0.0)

@@ -5,7 +5,7 @@ returns one :class:`MetricResult` per circuit size, holding the value of every p
 (so the spread and the worst prompts can be reported); ``measure_*`` returns only the
 aggregate values as ``Measurements`` ``[(circuit size, value)]`` for curves and AUCs.
 
-Axis names: ``prompt`` runs over every prompt of the dataloader, in loader order.
+Axis names are those of :mod:`auto_circuit.vocabulary.axes`.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Answers may be a ``[batch, answer]`` tensor (or ``[batch]`` for one answer per p
 or a list with one 1-D tensor of token ids per prompt (prompts with different numbers
 of answers).
 
-Axis names: ``batch`` (prompts of a batch), ``seq`` (token positions kept by the model's
-``out_slice``), ``vocab`` (output logits), ``answer`` (answers of a prompt).
+Axis names are those of :mod:`auto_circuit.vocabulary.axes` (``seq``: the positions kept
+by the model's ``out_slice``).
 """
 
 from __future__ import annotations
